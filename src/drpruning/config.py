@@ -1,0 +1,212 @@
+"""Typed run configuration: YAML plus `key=value` overrides, validated once before any expensive work."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2-135m"  # a folder, a hub id, a .gguf file or a name known to `fetch-model`
+    dtype: str = "auto"  # auto | bfloat16 | float32 (weights are kept in float32; autocast uses this)
+
+
+@dataclass
+class DataConfig:
+    # domain name -> source (a directory of .jsonl/.json/.txt/.parquet files, or `hf:<dataset>[:<split>]`);
+    # the special value `embedded` uses the embedded default corpus.
+    domains: dict[str, str] = field(default_factory=lambda: {"embedded": "embedded"})
+    proportions: list[float] | None = None  # initial proportions in domain order; None: temperature or uniform
+    temperature: float | None = None  # p_i ~ n_i^temperature over domain token counts when proportions is None
+    seq_len: int = 256
+    eval_sequences: int = 8  # held-out sequences per domain (from documents disjoint from training)
+    eval_fraction: float = 0.1  # share of documents held out for evaluation, at most
+    max_documents: int | None = None  # cap documents read per domain (quick runs)
+    cache_dir: str = "~/.cache/drpruning/tokens"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimiser step, over all ranks and micro-batches
+    micro_batch_size: int = 4  # sequences per forward per rank
+    lr: float = 1e-4
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # autocast dtype: auto (bf16 where supported) | bfloat16 | float32
+    eval_every: int = 10
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    eval_batch_size: int = 8
+
+
+@dataclass
+class MixingConfig:
+    method: str = "constant"  # constant | sheared | dro | drpruning
+    signal: str = "eval"  # eval | train (EMA of training loss)
+    ema: float = 0.1
+    rho: float = 0.1
+    min_prob: float = 0.2
+    clamp_to_min: bool = True
+    # reference losses: "source" (the model's own losses before training), "scaling_law",
+    # or a list of numbers in domain order
+    reference: Any = "source"
+    dynamic_ratio: bool = False
+    sheared_eta: float = 1.0
+    sheared_smoothing: float = 1e-4
+    max_points: int = 64
+    record_from: float = 0.02  # fraction of training after which scaling-law points are recorded
+    fit_from: float = 0.10  # fraction of training after which the law is fitted
+    ratio_from: float = 0.20  # fraction of training after which the reference ratio moves
+
+
+@dataclass
+class PruningConfig:
+    enabled: bool = False
+    # target shape: any of num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads,
+    # intermediate_size; or target_params (e.g. "60M") from which a shape is derived
+    target: dict[str, Any] = field(default_factory=dict)
+    target_params: Any = None
+    structures: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
+    head_mode: str = "kv_group"  # kv_group: prune whole KV groups | query: prune query heads inside groups
+    lagrangian_warmup_steps: int | None = None  # None: 20% of train.steps (the paper's setting)
+    mask_lr: float = 1.0
+    lagrangian_lr: float = 1.0
+    init_log_alpha: float = 5.0
+    init_log_alpha_std: float = 0.01
+
+
+def warmup_steps(p: "PruningConfig", steps: int) -> int:
+    return p.lagrangian_warmup_steps if p.lagrangian_warmup_steps is not None else round(0.2 * steps)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    resume: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (only under torchrun)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Merge the YAML file and `key=value` overrides onto the typed defaults, then validate."""
+    schema = OmegaConf.structured(RunConfig)
+    parts = [schema]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file")
+            parts.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=20)")
+        parts.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*parts)
+    except (ConfigKeyError, ValidationError) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", "")
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {first}. "
+                          "Check the spelling against docs/configuration.md") from None
+    if OmegaConf.is_missing(merged, "run_dir"):
+        raise ConfigError("config key 'run_dir' is missing: set run_dir=PATH (the run's output folder)")
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f"config key '{name}' must be positive, got {value!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model or data; the model- and data-dependent ones run in their loaders."""
+    t, d, m, p = cfg.train, cfg.data, cfg.mixing, cfg.pruning
+    for key in ("steps", "batch_size", "micro_batch_size", "eval_every", "log_every", "checkpoint_every",
+                "keep_checkpoints", "eval_batch_size"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.eval_sequences", d.eval_sequences)
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size}) times the number of ranks")
+    if not 0 <= t.warmup_fraction < 1:
+        raise ConfigError(f"config key 'train.warmup_fraction' must be in [0, 1), got {t.warmup_fraction}")
+    for key, value in (("train.dtype", t.dtype), ("model.dtype", cfg.model.dtype)):
+        if value not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"config key '{key}' must be auto, bfloat16 or float32, got {value!r}")
+    if not d.domains:
+        raise ConfigError("config key 'data.domains' is empty: give at least one name: path pair")
+    k = len(d.domains)
+    if d.proportions is not None:
+        if len(d.proportions) != k:
+            raise ConfigError(f"config key 'data.proportions' has {len(d.proportions)} values but there are "
+                              f"{k} domains ({', '.join(d.domains)}): give one proportion per domain, in order")
+        if any((not math.isfinite(x)) or x < 0 for x in d.proportions):
+            raise ConfigError("config key 'data.proportions' must be non-negative numbers")
+        if abs(sum(d.proportions) - 1) > 1e-3:
+            raise ConfigError(f"config key 'data.proportions' sums to {sum(d.proportions):.6g}, not 1: "
+                              "rescale the proportions")
+    if m.method not in ("constant", "sheared", "dro", "drpruning"):
+        raise ConfigError(f"config key 'mixing.method' is {m.method!r}: use constant, sheared, dro or drpruning")
+    if m.signal not in ("eval", "train"):
+        raise ConfigError(f"config key 'mixing.signal' is {m.signal!r}: use eval or train")
+    if not m.rho > 0:
+        raise ConfigError(f"config key 'mixing.rho' must be > 0, got {m.rho}")
+    if not 0 <= m.min_prob < 1:
+        raise ConfigError(f"config key 'mixing.min_prob' must be in [0, 1), got {m.min_prob}")
+    if not 0 < m.ema <= 1:
+        raise ConfigError(f"config key 'mixing.ema' must be in (0, 1], got {m.ema}")
+    ref = m.reference
+    if isinstance(ref, str):
+        if ref not in ("source", "scaling_law"):
+            raise ConfigError(f"config key 'mixing.reference' is {ref!r}: use source, scaling_law "
+                              "or a list of per-domain losses")
+    elif isinstance(ref, (list, tuple)):
+        if len(ref) != k:
+            raise ConfigError(f"config key 'mixing.reference' has {len(ref)} values for {k} domains")
+    else:
+        raise ConfigError("config key 'mixing.reference' must be source, scaling_law or a list of numbers")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"config key 'parallel' is {cfg.parallel!r}: use ddp or fsdp")
+    if p.enabled:
+        unknown = set(p.structures) - {"layer", "head", "intermediate", "hidden"}
+        if unknown:
+            raise ConfigError(f"config key 'pruning.structures' has unknown {sorted(unknown)}: "
+                              "use layer, head, intermediate, hidden")
+        if p.head_mode not in ("kv_group", "query"):
+            raise ConfigError(f"config key 'pruning.head_mode' is {p.head_mode!r}: use kv_group or query")
+        w = p.lagrangian_warmup_steps
+        if w is not None and not 0 <= w <= t.steps:
+            raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the run has "
+                              f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
+        if not p.target and p.target_params is None:
+            raise ConfigError("pruning is enabled but neither 'pruning.target' nor 'pruning.target_params' is set")
