@@ -24,8 +24,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # domain name -> source (a directory of .jsonl/.json/.txt/.parquet files, or `hf:<dataset>[:<split>]`);
-    # the special value `embedded` uses the embedded default corpus.
-    domains: dict[str, str] = field(default_factory=lambda: {"embedded": "embedded"})
+    # the source `embedded` expands into the embedded default corpus's domains; so does an empty mapping.
+    domains: dict[str, str] = field(default_factory=dict)
     proportions: list[float] | None = None  # initial proportions in domain order; None: temperature or uniform
     temperature: float | None = None  # p_i ~ n_i^temperature over domain token counts when proportions is None
     seq_len: int = 256
@@ -163,10 +163,8 @@ def validate(cfg: RunConfig) -> None:
     for key, value in (("train.dtype", t.dtype), ("model.dtype", cfg.model.dtype)):
         if value not in ("auto", "bfloat16", "float32"):
             raise ConfigError(f"config key '{key}' must be auto, bfloat16 or float32, got {value!r}")
-    if not d.domains:
-        raise ConfigError("config key 'data.domains' is empty: give at least one name: path pair")
     k = len(d.domains)
-    if d.proportions is not None:
+    if d.proportions is not None and k:  # (the embedded corpus's size is checked once it is read)
         if len(d.proportions) != k:
             raise ConfigError(f"config key 'data.proportions' has {len(d.proportions)} values but there are "
                               f"{k} domains ({', '.join(d.domains)}): give one proportion per domain, in order")

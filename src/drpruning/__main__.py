@@ -1,0 +1,5 @@
+import sys
+
+from drpruning.cli import main
+
+sys.exit(main())

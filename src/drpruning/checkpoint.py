@@ -1,0 +1,109 @@
+"""Atomic checkpoints: write into a temporary folder, record a manifest, rename; keep the last K.
+
+A checkpoint folder `step-N` exists only once complete. On resume the newest one whose manifest matches its
+files and that loads is used; a corrupt one is refused with a message and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        """Steps of the complete-looking checkpoints, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                found.append(int(p.name[5:]))
+        return sorted(found, reverse=True)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """`write(folder)` writes the files; then sizes go into the manifest and the folder is renamed."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-step-{step}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+        _fsync_dir(tmp)
+        final = self.path(step)
+        if final.exists():  # re-saving the same step (e.g. after resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.steps()[self.keep:]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+        for p in self.root.glob(".tmp-step-*"):
+            if not p.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def verify(self, step: int) -> None:
+        folder = self.path(step)
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            raise CheckpointError(f"{folder} has no {MANIFEST} (incomplete write)")
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{manifest} is unreadable ({e})") from None
+        for name, size in files.items():
+            p = folder / name
+            if not p.is_file():
+                raise CheckpointError(f"{p} is missing")
+            if p.stat().st_size != size:
+                raise CheckpointError(f"{p} has {p.stat().st_size} bytes, the manifest says {size} (truncated?)")
+
+    def load_latest(self, read: Callable[[Path], T]) -> tuple[int, T] | None:
+        """Load the newest good checkpoint with `read(folder)`; None when there is none at all."""
+        steps = self.steps()
+        for step in steps:
+            try:
+                self.verify(step)
+                return step, read(self.path(step))
+            except Exception as e:  # noqa: BLE001 - any failure to load means: refuse, fall back
+                log.warning("refusing checkpoint %s: %s; trying the previous one", self.path(step), e)
+        if steps:
+            raise CheckpointError(f"no loadable checkpoint in {self.root} (tried steps {steps}); "
+                                  "delete the folder and start again without resume=true")
+        return None

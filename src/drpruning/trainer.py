@@ -1,0 +1,378 @@
+"""The training loop, in plain PyTorch: continued pretraining, or pruning when `pruning.enabled`.
+
+Read top to bottom: set-up (validate, load, build), then `run()`: evaluate the source model, then steps of
+sample -> forward/backward with per-domain loss accounting -> optimiser step, with an evaluation and a mixing
+update every `eval_every` steps and an atomic checkpoint every `checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from drpruning import distributed as dist
+from drpruning.checkpoint import Checkpointer
+from drpruning.config import ConfigError, RunConfig, save_config
+from drpruning.data import check_sources, load_corpus
+from drpruning.metrics import MetricsLog, progress
+
+log = logging.getLogger(__name__)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16  # about twice as fast as float32 on recent x86 CPUs
+
+
+def token_losses(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every predicted token, [batch, seq_len - 1], in float32."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def initial_proportions(cfg: RunConfig, train_tokens: list[int]) -> list[float]:
+    if cfg.data.proportions is not None:
+        return [float(x) for x in cfg.data.proportions]
+    if cfg.data.temperature is not None:
+        from drpruning.mixing import temperature_proportions
+
+        return temperature_proportions(train_tokens, cfg.data.temperature)
+    return [1.0 / len(train_tokens)] * len(train_tokens)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from drpruning.models import load_model, model_max_length, resolve_model_source
+
+        self.cfg = cfg
+        self.device = dist.init()
+        self.main = dist.is_main()
+        self.run_dir = Path(cfg.run_dir)
+        t = cfg.train
+        # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
+        _, model_config = resolve_model_source(cfg.model.source)
+        if cfg.data.seq_len > model_max_length(model_config):
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
+                              f"{model_max_length(model_config)} tokens; lower data.seq_len")
+        if cfg.pruning.enabled:
+            from drpruning.target import resolve_target
+
+            self.target = resolve_target(model_config, cfg.pruning)
+        per_step = t.micro_batch_size * dist.world()
+        if t.batch_size % per_step:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x ranks "
+                              f"= {per_step}; change train.batch_size or train.micro_batch_size")
+        if not cfg.resume and Checkpointer(self.run_dir).steps():
+            raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints: pass resume=true to continue "
+                              "that run, or choose a new run_dir")
+        sources = check_sources(cfg.data.domains)
+
+        self.seed_everything(t.seed)
+        self.model, self.tokenizer = load_model(cfg.model.source, dtype=torch.float32)
+        self.model.to(self.device)
+        self.model.config.use_cache = False
+        self.corpus = load_corpus(cfg.data, self.tokenizer, sources)
+        self.names = self.corpus.names
+        self.initial = initial_proportions(cfg, self.corpus.train_tokens)
+        if len(self.initial) != len(self.names):
+            raise ConfigError(f"data.proportions has {len(self.initial)} values but the data has "
+                              f"{len(self.names)} domains ({', '.join(self.names)})")
+        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+
+        from drpruning.mixing import build_mixer
+        from drpruning.sampler import MixtureSampler
+
+        self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled)
+        self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
+        self.pruner = None
+        if cfg.pruning.enabled:
+            from drpruning.masks import Pruner
+
+            self.pruner = Pruner(self.model, cfg.pruning, t.steps).to(self.device)
+            self.pruner.seed(t.seed * 1000 + dist.rank())
+            self.pruner.attach()
+        self.train_model = self.model
+        if dist.world() > 1:
+            from drpruning.parallel import wrap_model
+
+            self.train_model = wrap_model(self.model, cfg.parallel, self.device)
+        self.optimizer = self.build_optimizer()
+        warmup = round(t.warmup_fraction * t.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio))
+        self.step = 0
+        self.domain_tokens = [0] * len(self.names)
+        self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+
+    @staticmethod
+    def seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        t, p = self.cfg.train, self.cfg.pruning
+        groups = [{"params": [q for q in self.model.parameters() if q.requires_grad], "lr": t.lr,
+                   "weight_decay": t.weight_decay}]
+        if self.pruner is not None:
+            groups.append({"params": list(self.pruner.mask_parameters()), "lr": p.mask_lr, "weight_decay": 0.0})
+            # the Lagrange multipliers ascend: same optimiser, maximising
+            groups.append({"params": list(self.pruner.lagrangian_parameters()), "lr": p.lagrangian_lr,
+                           "weight_decay": 0.0, "maximize": True})
+        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, exact: bool = False) -> list[float]:
+        """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
+        self.model.eval()
+        if self.pruner is not None:
+            self.pruner.eval()
+            self.pruner.deterministic_masks(exact=exact)
+        sums = torch.zeros(len(self.names), dtype=torch.float64)
+        counts = torch.zeros(len(self.names), dtype=torch.float64)
+        bs = self.cfg.train.eval_batch_size
+        for d, seqs in enumerate(self.corpus.eval):
+            mine = seqs[dist.rank()::dist.world()]
+            for i in range(0, len(mine), bs):
+                ids = mine[i:i + bs].to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    tl = token_losses(self.model, ids)
+                sums[d] += tl.double().sum().item()
+                counts[d] += tl.numel()
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(counts)
+        self.model.train()
+        if self.pruner is not None:
+            self.pruner.train()
+        return (sums / counts).tolist()
+
+    def log_eval(self, losses: list[float]) -> None:
+        worst = int(np.argmax(losses))
+        self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens),
+                           eval_loss=dict(zip(self.names, losses)),
+                           eval_ppl={n: math.exp(x) for n, x in zip(self.names, losses)},
+                           mean_loss=float(np.mean(losses)), worst_loss=losses[worst],
+                           worst_domain=self.names[worst])
+
+    def evaluate_and_mix(self, last: bool) -> list[float]:
+        losses = self.evaluate(exact=last)
+        self.log_eval(losses)
+        if self.main:
+            sparsity = self.pruner.expected_sparsity() if self.pruner is not None else None
+            record = self.mixer.update(self.step, losses, list(self.domain_tokens), sparsity)
+            self.metrics.write("mix", step=self.step, **record)
+        proportions = dist.broadcast_floats(self.mixer.proportions)
+        if not self.main:
+            self.mixer.proportions = proportions
+        return losses
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        k, seq_len = len(self.names), self.cfg.data.seq_len
+        proportions = list(self.mixer.proportions)
+        batch = self.sampler.next_batch(proportions, t.batch_size)
+        for d, _ in batch:
+            self.domain_tokens[d] += seq_len
+        local = batch[dist.rank()::dist.world()]
+        n_global = t.batch_size * (seq_len - 1)
+        sums = torch.zeros(k, dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.float64)
+        micro = [local[i:i + t.micro_batch_size] for i in range(0, len(local), t.micro_batch_size)]
+        for j, chunk in enumerate(micro):
+            ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
+            domains = torch.tensor([d for d, _ in chunk])
+            sync = j == len(micro) - 1
+            with _maybe_no_sync(self.train_model, sync):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    tl = token_losses(self.train_model, ids)
+                seq_sums = tl.sum(dim=1)
+                # DDP averages gradients over ranks, so each rank's share is scaled by the world size
+                (seq_sums.sum() / n_global * dist.world()).backward()
+            sums.index_add_(0, domains, seq_sums.detach().double().cpu())
+            counts.index_add_(0, domains, torch.full((len(chunk),), float(seq_len - 1), dtype=torch.float64))
+        record: dict = {}
+        if self.pruner is not None:
+            if dist.world() > 1:  # masks live outside DDP: average their gradients by hand
+                for q in self.pruner.mask_parameters():
+                    if q.grad is not None:
+                        dist.all_reduce_sum(q.grad).div_(dist.world())
+            penalty, prune_log = self.pruner.penalty(self.step)
+            penalty.backward()
+            record.update(lagrangian=float(penalty.detach()), **prune_log)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.pruner is not None:
+            self.pruner.clamp_()
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(counts)
+        domain_loss = (sums / counts).tolist()  # nan for a domain absent from the batch
+        loss = float(sums.sum() / counts.sum())
+        self.mixer.observe_train(domain_loss)
+        if self.pruner is not None:
+            record["lm_loss"] = loss
+        record.update(step=self.step + 1, tokens=sum(self.domain_tokens), lr=lr, loss=loss,
+                      domain_loss=dict(zip(self.names, domain_loss)),
+                      domain_tokens=dict(zip(self.names, self.domain_tokens)),
+                      proportions=dict(zip(self.names, proportions)))
+        return record
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        if self.main:
+            self.checkpointer.save(self.step, self._write)
+        dist.barrier()
+
+    def _write(self, folder: Path) -> None:
+        save_model(self.model, str(folder / "model.safetensors"))
+        if self.pruner is not None:
+            save_file({k: v.contiguous() for k, v in self.pruner.state_dict().items()},
+                      str(folder / "pruner.safetensors"))
+        state = {"step": self.step, "domain_tokens": self.domain_tokens,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
+                 "proportions": list(self.mixer.proportions),
+                 "rng": rng_state(),
+                 "pruner_rng": self.pruner.generator.get_state() if self.pruner is not None else None}
+        tmp = folder / "state.pt"
+        torch.save(state, tmp)
+
+    def _read(self, folder: Path) -> int:
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        missing, unexpected = load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
+        if missing or unexpected:
+            raise ValueError(f"model weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if self.pruner is not None:
+            self.pruner.load_state_dict(load_file(str(folder / "pruner.safetensors"), device=str(self.device)))
+            self.pruner.generator.set_state(state["pruner_rng"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.mixer.load_state_dict(state["mixer"])
+        self.mixer.proportions = list(state["proportions"])
+        self.domain_tokens = list(state["domain_tokens"])
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> Path:
+        t = self.cfg.train
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        resumed = self.checkpointer.load_latest(self._read) if self.cfg.resume else None
+        if resumed is not None:
+            self.step = resumed[0]
+            self.metrics.truncate_after(self.step)
+            log.info("resumed from %s", self.checkpointer.path(self.step))
+        else:
+            if self.main and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            losses = self.evaluate()  # the source model: reference losses and the starting point
+            self.log_eval(losses)
+            self.mixer.start(losses)
+        bar = progress(t.steps, self.step, self.main, "prune" if self.pruner is not None else "train")
+        start = time.perf_counter()
+        while self.step < t.steps:
+            record = self.train_step()
+            self.step += 1
+            record["elapsed_s"] = time.perf_counter() - start
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.metrics.write("train", **record)
+            postfix = {"loss": f"{record['loss']:.3f}"}
+            last = self.step == t.steps
+            if self.step % t.eval_every == 0 or last:
+                losses = self.evaluate_and_mix(last)
+                postfix["worst"] = f"{max(losses):.3f}"
+            if self.pruner is not None:
+                postfix["params"] = f"{record['expected_params'] / 1e6:.1f}M"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if self.step % t.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> Path:
+        out = self.run_dir / "model"
+        if self.main:
+            if self.pruner is not None:
+                from drpruning.export import export_model
+
+                export_model(self.model, self.pruner, out, self.tokenizer)
+            else:
+                self.model.save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+            config = self.model.config if self.pruner is None else _read_json(out / "config.json")
+            shape = {key: (config[key] if isinstance(config, dict) else getattr(config, key)) for key in
+                     ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size")}
+            self.metrics.write("final", step=self.step, model_dir=str(out), shape=shape)
+        dist.barrier()
+        return out
+
+
+def rng_state() -> dict:
+    """Global RNG states as plain types and tensors (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [keys.tolist(), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+class _maybe_no_sync:
+    """DDP's no_sync for all but the last micro-batch; a no-op for a plain module."""
+
+    def __init__(self, model: torch.nn.Module, sync: bool):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+def train(cfg: RunConfig) -> Path:
+    return Trainer(cfg).run()

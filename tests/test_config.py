@@ -1,0 +1,67 @@
+import pytest
+
+from drpruning.config import ConfigError, load_config
+
+
+def err(*overrides, path=None):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["run_dir=/tmp/x", *overrides])
+    return str(e.value)
+
+
+def test_defaults_load():
+    cfg = load_config(None, ["run_dir=/tmp/x", "train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.mixing.method == "constant"
+
+
+def test_unknown_key_names_key_and_suggests():
+    msg = err("train.stepz=3")
+    assert "train.stepz" in msg and "steps" in msg
+
+
+def test_missing_run_dir():
+    with pytest.raises(ConfigError, match="run_dir"):
+        load_config(None, [])
+
+
+@pytest.mark.parametrize("key", ["train.steps", "train.batch_size", "train.micro_batch_size", "data.seq_len"])
+def test_non_positive(key):
+    assert key in err(f"{key}=0")
+
+
+def test_proportions_wrong_length():
+    msg = err("data.domains={a: x, b: y}", "data.proportions=[1.0]")
+    assert "data.proportions" in msg and "2 domains" in msg
+
+
+def test_proportions_not_summing_to_one():
+    msg = err("data.domains={a: x, b: y}", "data.proportions=[0.5,0.6]")
+    assert "sums to 1.1" in msg and "rescale" in msg
+
+
+def test_bad_method_and_rho():
+    assert "mixing.method" in err("mixing.method=magic")
+    assert "mixing.rho" in err("mixing.rho=0")
+    assert "mixing.min_prob" in err("mixing.min_prob=1.0")
+
+
+def test_batch_not_multiple_of_micro():
+    assert "micro_batch_size" in err("train.batch_size=6", "train.micro_batch_size=4")
+
+
+def test_warmup_longer_than_run():
+    msg = err("pruning.enabled=true", "pruning.target.hidden_size=16", "train.steps=10",
+              "pruning.lagrangian_warmup_steps=20")
+    assert "lagrangian_warmup_steps" in msg
+
+
+def test_yaml_file_and_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run_dir: r\ntrain:\n  steps: 5\nmixing:\n  method: drpruning\n")
+    cfg = load_config(f, ["train.steps=9"])
+    assert cfg.train.steps == 9 and cfg.mixing.method == "drpruning" and cfg.run_dir == "r"
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent.yaml", ["run_dir=x"])
