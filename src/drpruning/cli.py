@@ -155,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if distributed.rank_from_env() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from drpruning.models import ModelSourceError
+
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ModelSourceError) as e:
         print(f"drpruning: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -64,7 +64,7 @@ def initial_proportions(cfg: RunConfig, train_tokens: list[int]) -> list[float]:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        from drpruning.models import load_model, model_max_length, resolve_model_source
+        from drpruning.models import load_model, load_model_config, model_max_length
 
         self.cfg = cfg
         self.device = dist.init()
@@ -72,7 +72,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         t = cfg.train
         # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
-        _, model_config = resolve_model_source(cfg.model.source)
+        model_config, _, _ = load_model_config(cfg.model.source)
         if cfg.data.seq_len > model_max_length(model_config):
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
@@ -101,11 +101,6 @@ class Trainer:
                               f"{len(self.names)} domains ({', '.join(self.names)})")
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
 
-        from drpruning.mixing import build_mixer
-        from drpruning.sampler import MixtureSampler
-
-        self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled)
-        self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
         self.pruner = None
         if cfg.pruning.enabled:
             from drpruning.masks import Pruner
@@ -113,15 +108,22 @@ class Trainer:
             self.pruner = Pruner(self.model, cfg.pruning, t.steps).to(self.device)
             self.pruner.seed(t.seed * 1000 + dist.rank())
             self.pruner.attach()
+
+        from drpruning.mixing import build_mixer
+        from drpruning.sampler import MixtureSampler
+
+        final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
+        self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
+        self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
         self.train_model = self.model
         if dist.world() > 1:
             from drpruning.parallel import wrap_model
 
             self.train_model = wrap_model(self.model, cfg.parallel, self.device)
-        self.optimizer = self.build_optimizer()
+        self.optimizers = self.build_optimizers()
         warmup = round(t.warmup_fraction * t.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio)) for o in self.optimizers]
         self.step = 0
         self.domain_tokens = [0] * len(self.names)
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints)
@@ -133,16 +135,19 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
+    def build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """AdamW for the weights; when pruning, a second AdamW for masks (descending) and multipliers
+        (ascending). Separate optimisers keep the weights' state shardable (FSDP) apart from the small,
+        replicated pruning state."""
         t, p = self.cfg.train, self.cfg.pruning
-        groups = [{"params": [q for q in self.model.parameters() if q.requires_grad], "lr": t.lr,
-                   "weight_decay": t.weight_decay}]
+        betas = tuple(t.betas)
+        weights = [q for q in self.train_model.parameters() if q.requires_grad]
+        optimizers = [torch.optim.AdamW(weights, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)]
         if self.pruner is not None:
-            groups.append({"params": list(self.pruner.mask_parameters()), "lr": p.mask_lr, "weight_decay": 0.0})
-            # the Lagrange multipliers ascend: same optimiser, maximising
-            groups.append({"params": list(self.pruner.lagrangian_parameters()), "lr": p.lagrangian_lr,
-                           "weight_decay": 0.0, "maximize": True})
-        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+            groups = [{"params": list(self.pruner.mask_parameters()), "lr": p.mask_lr},
+                      {"params": list(self.pruner.lagrangian_parameters()), "lr": p.lagrangian_lr, "maximize": True}]
+            optimizers.append(torch.optim.AdamW(groups, betas=betas, eps=t.eps, weight_decay=0.0))
+        return optimizers
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -224,11 +229,12 @@ class Trainer:
             penalty, prune_log = self.pruner.penalty(self.step)
             penalty.backward()
             record.update(lagrangian=float(penalty.detach()), **prune_log)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        torch.nn.utils.clip_grad_norm_(self.optimizers[0].param_groups[0]["params"], t.grad_clip)
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         if self.pruner is not None:
             self.pruner.clamp_()
         dist.all_reduce_sum(sums)
@@ -256,7 +262,8 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in self.pruner.state_dict().items()},
                       str(folder / "pruner.safetensors"))
         state = {"step": self.step, "domain_tokens": self.domain_tokens,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "optimizers": [o.state_dict() for o in self.optimizers],
+                 "schedulers": [s.state_dict() for s in self.schedulers],
                  "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
                  "proportions": list(self.mixer.proportions),
                  "rng": rng_state(),
@@ -272,8 +279,10 @@ class Trainer:
         if self.pruner is not None:
             self.pruner.load_state_dict(load_file(str(folder / "pruner.safetensors"), device=str(self.device)))
             self.pruner.generator.set_state(state["pruner_rng"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
         self.sampler.load_state_dict(state["sampler"])
         self.mixer.load_state_dict(state["mixer"])
         self.mixer.proportions = list(state["proportions"])
