@@ -39,7 +39,8 @@ def llama_config(**kw) -> PretrainedConfig:
 
 def tied_config(**kw) -> PretrainedConfig:
     """SmolLM2-like: Llama with tied embeddings and 3 query heads per KV head."""
-    return LlamaConfig(**_common(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, **kw))
+    return LlamaConfig(**_common(hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                 tie_word_embeddings=True, **kw))
 
 
 def qwen2_config(**kw) -> PretrainedConfig:

@@ -56,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for item in args.data or []:
         name, sep, path = item.partition("=")
         if not sep:
-            raise ConfigError(f"--data {item!r} is not name=path (e.g. --data wiki=../shared/data/redpajama-sample/wiki)")
+            raise ConfigError(f"--data {item!r} is not name=path (e.g. --data wiki=data/wiki)")
         data[name] = path
     tasks = [t for t in (args.tasks or "").split(",") if t]
     results = evaluate_model(args.model, data=data, tasks=tasks, seq_len=args.seq_len,

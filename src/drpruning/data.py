@@ -185,7 +185,7 @@ def _cache_key(source: str, tok_fp: str, cfg: DataConfig) -> str:
     else:
         files = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in _files(Path(source))]
     blob = json.dumps([files, tok_fp, cfg.seq_len, cfg.eval_sequences, cfg.eval_fraction, cfg.max_documents,
-                       PIECE_CHARS, 2])
+                       PIECE_CHARS, 3])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -198,7 +198,8 @@ def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
 
 
 def load_domain(name: str, source: str, tokenizer, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    cache = Path(cfg.cache_dir).expanduser() / f"{name}-{_cache_key(source, tokenizer_fingerprint(tokenizer), cfg)}.safetensors"
+    key = _cache_key(source, tokenizer_fingerprint(tokenizer), cfg)
+    cache = Path(cfg.cache_dir).expanduser() / f"{name}-{key}.safetensors"
     if cache.exists():
         from safetensors import safe_open
 
@@ -216,8 +217,10 @@ def load_domain(name: str, source: str, tokenizer, cfg: DataConfig) -> tuple[tor
     if len(eval_seqs) == 0 or len(train_seqs) == 0:
         raise ConfigError(f"domain {name!r} has too little text for one training and one evaluation sequence "
                           f"of data.seq_len={cfg.seq_len} tokens; add text or lower data.seq_len")
-    # bytes of exactly the evaluated tokens, for bits per byte
-    eval_bytes = len(tokenizer.decode(eval_seqs.flatten().tolist()).encode("utf-8"))
+    # bytes of exactly the evaluated tokens, for bits per byte; a document separator counts as one byte
+    ids = eval_seqs.flatten().tolist()
+    special = set(tokenizer.all_special_ids)
+    eval_bytes = len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")) + sum(i in special for i in ids)
     _save_atomic({"train": train_seqs, "eval": eval_seqs}, {"eval_bytes": eval_bytes, "source": source}, cache)
     return train_seqs, eval_seqs, eval_bytes
 
