@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 from drpruning.config import ConfigError, load_config
 from drpruning.metrics import read_metrics
 from drpruning.sampler import MixtureSampler
 from drpruning.trainer import Trainer
-from tiny_models import save_tiny
 
 TESTS = Path(__file__).parent
 

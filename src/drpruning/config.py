@@ -92,7 +92,7 @@ class PruningConfig:
     init_log_alpha_std: float = 0.01
 
 
-def warmup_steps(p: "PruningConfig", steps: int) -> int:
+def warmup_steps(p: PruningConfig, steps: int) -> int:
     return p.lagrangian_warmup_steps if p.lagrangian_warmup_steps is not None else round(0.2 * steps)
 
 
