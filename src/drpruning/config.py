@@ -32,7 +32,7 @@ class DataConfig:
     eval_sequences: int = 8  # held-out sequences per domain (from documents disjoint from training)
     eval_fraction: float = 0.1  # share of documents held out for evaluation, at most
     max_documents: int | None = None  # cap documents read per domain (quick runs)
-    cache_dir: str = "~/.cache/drpruning/tokens"
+    cache_dir: str | None = None  # tokenised-sequence cache; None: $DRPRUNING_CACHE/tokens (~/.cache/drpruning)
 
 
 @dataclass

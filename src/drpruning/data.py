@@ -189,6 +189,14 @@ def _cache_key(source: str, tok_fp: str, cfg: DataConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _cache_dir(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    from drpruning.models import cache_root
+
+    return cache_root() / "tokens"
+
+
 def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -199,7 +207,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
 
 def load_domain(name: str, source: str, tokenizer, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
     key = _cache_key(source, tokenizer_fingerprint(tokenizer), cfg)
-    cache = Path(cfg.cache_dir).expanduser() / f"{name}-{key}.safetensors"
+    cache = _cache_dir(cfg) / f"{name}-{key}.safetensors"
     if cache.exists():
         from safetensors import safe_open
 
