@@ -189,7 +189,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'mixing.reference' is {ref!r}: use source, scaling_law "
                               "or a list of per-domain losses")
     elif isinstance(ref, (list, tuple)):
-        if len(ref) != k:
+        if k and len(ref) != k:
             raise ConfigError(f"config key 'mixing.reference' has {len(ref)} values for {k} domains")
     else:
         raise ConfigError("config key 'mixing.reference' must be source, scaling_law or a list of numbers")
