@@ -57,6 +57,27 @@ class Checkpointer:
             shutil.rmtree(tmp)
         tmp.mkdir()
         write(tmp)
+        return self._finalise(step, tmp)
+
+    def save_collective(self, step: int, write: Callable[[Path], None], main: bool,
+                        barrier: Callable[[], None]) -> Path:
+        """`save` for a checkpoint that every rank writes into (FSDP shards): all ranks `write` into one
+        temporary folder; after a barrier, the main rank alone writes the manifest and renames it."""
+        tmp = self.root / f".tmp-step-{step}-shared"
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        barrier()
+        write(tmp)
+        barrier()  # every rank's shards are on disk before the folder is sealed
+        if main:
+            self._finalise(step, tmp)
+        barrier()
+        return self.path(step)
+
+    def _finalise(self, step: int, tmp: Path) -> Path:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         for name in files:
             with open(tmp / name, "rb") as f:

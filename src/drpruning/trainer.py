@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from drpruning import distributed as dist
+from drpruning import parallel
 from drpruning.checkpoint import Checkpointer
 from drpruning.config import ConfigError, RunConfig, save_config
 from drpruning.data import check_sources, load_corpus
@@ -155,19 +156,26 @@ class Trainer:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
         self.model.eval()
         if self.pruner is not None:
-            self.pruner.eval()
-            self.pruner.deterministic_masks(exact=exact)
+            self.pruner.eval(exact=exact)
         sums = torch.zeros(len(self.names), dtype=torch.float64)
         counts = torch.zeros(len(self.names), dtype=torch.float64)
         bs = self.cfg.train.eval_batch_size
+        # FSDP forwards are collective (weights are all-gathered): every rank runs as many batches as the
+        # busiest one; a rank out of sequences runs a throw-away one
+        collective = parallel.is_fsdp(self.model)
         for d, seqs in enumerate(self.corpus.eval):
             mine = seqs[dist.rank()::dist.world()]
-            for i in range(0, len(mine), bs):
+            n = math.ceil(len(seqs) / dist.world()) if collective else len(mine)
+            for i in range(0, n, bs):
                 ids = mine[i:i + bs].to(self.device)
+                dummy = len(ids) == 0
+                if dummy:
+                    ids = seqs[:1].to(self.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                     tl = token_losses(self.model, ids)
-                sums[d] += tl.double().sum().item()
-                counts[d] += tl.numel()
+                if not dummy:
+                    sums[d] += tl.double().sum().item()
+                    counts[d] += tl.numel()
         dist.all_reduce_sum(sums)
         dist.all_reduce_sum(counts)
         self.model.train()
@@ -252,35 +260,63 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
+        if self.pruner is not None:
+            parallel.check_replicated(list(self.pruner.parameters()), "pruning masks and multipliers")
+            # each rank samples masks with its own generator: keep every rank's state for an exact resume
+            self._pruner_rngs = parallel.gather_objects(self.pruner.generator.get_state())
+        if parallel.is_fsdp(self.model):  # every rank writes its shards (DCP); rank 0 seals the folder
+            self.checkpointer.save_collective(self.step, self._write, self.main, dist.barrier)
+            return
         if self.main:
             self.checkpointer.save(self.step, self._write)
         dist.barrier()
 
     def _write(self, folder: Path) -> None:
-        save_model(self.model, str(folder / "model.safetensors"))
+        sharded = parallel.is_fsdp(self.model)
+        if sharded:  # collective: weights and their optimiser state, one file per rank
+            parallel.save_sharded(self.model, self.optimizers[0], folder)
+            if not self.main:
+                return
+        else:
+            save_model(self.model, str(folder / "model.safetensors"))
         if self.pruner is not None:
             save_file({k: v.contiguous() for k, v in self.pruner.state_dict().items()},
                       str(folder / "pruner.safetensors"))
         state = {"step": self.step, "domain_tokens": self.domain_tokens,
-                 "optimizers": [o.state_dict() for o in self.optimizers],
+                 "optimizers": [None if sharded and i == 0 else o.state_dict() for i, o in enumerate(self.optimizers)],
                  "schedulers": [s.state_dict() for s in self.schedulers],
                  "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(),
                  "proportions": list(self.mixer.proportions),
                  "rng": rng_state(),
-                 "pruner_rng": self.pruner.generator.get_state() if self.pruner is not None else None}
+                 "pruner_rng": self._pruner_rngs if self.pruner is not None else None}
         tmp = folder / "state.pt"
         torch.save(state, tmp)
 
     def _read(self, folder: Path) -> int:
         state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-        missing, unexpected = load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
-        if missing or unexpected:
-            raise ValueError(f"model weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        saved_optimizers = list(state["optimizers"])
+        if parallel.is_dcp_checkpoint(folder):  # written under FSDP: DCP reshards to this world size / layout
+            parallel.load_sharded(self.model, self.optimizers[0], folder)
+            saved_optimizers[0] = None
+        elif parallel.is_fsdp(self.model):  # a one-process / DDP checkpoint resumed under FSDP
+            parallel.load_full_into_sharded(self.model, self.optimizers[0],
+                                            load_file(str(folder / "model.safetensors")), saved_optimizers[0])
+            saved_optimizers[0] = None
+        else:
+            missing, unexpected = load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
+            if missing or unexpected:
+                raise ValueError(f"model weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if self.pruner is not None:
             self.pruner.load_state_dict(load_file(str(folder / "pruner.safetensors"), device=str(self.device)))
-            self.pruner.generator.set_state(state["pruner_rng"])
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
+            rngs = state["pruner_rng"]
+            rngs = rngs if isinstance(rngs, list) else [rngs]  # one process: a single state
+            if dist.rank() < len(rngs):
+                self.pruner.generator.set_state(rngs[dist.rank()])
+            else:  # more ranks than when saved: a fresh stream, distinct per rank and per resume step
+                self.pruner.generator.manual_seed(self.cfg.train.seed * 1000 + dist.rank() + 7919 * int(state["step"]))
+        for optimizer, saved in zip(self.optimizers, saved_optimizers):
+            if saved is not None:
+                optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         self.sampler.load_state_dict(state["sampler"])
@@ -331,13 +367,15 @@ class Trainer:
 
     def finish(self) -> Path:
         out = self.run_dir / "model"
+        # FSDP: gather the full weights (collective) into a plain model on rank 0 for export
+        model = parallel.unsharded_model(self.model) if parallel.is_fsdp(self.model) else self.model
         if self.main:
             if self.pruner is not None:
                 from drpruning.export import export_model
 
-                export_model(self.model, self.pruner, out, self.tokenizer)
+                export_model(model, self.pruner, out, self.tokenizer)
             else:
-                self.model.save_pretrained(out)
+                model.save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
             config = self.model.config if self.pruner is None else _read_json(out / "config.json")
             shape = {key: (config[key] if isinstance(config, dict) else getattr(config, key)) for key in
@@ -384,4 +422,4 @@ class _maybe_no_sync:
 
 
 def train(cfg: RunConfig) -> Path:
-    return Trainer(cfg).run()
+    return dist.run_or_abort(lambda: Trainer(cfg).run())

@@ -1,0 +1,160 @@
+"""Export a pruned model: tensor surgery at the exact target shape, then `save_pretrained` (method.md §4).
+
+With deterministic exact masks (survivors keep their soft value), the exported model computes the same
+logits as the masked model:
+- layers whose gate is 0 are dropped and the rest renumbered; the layer value is folded into o_proj and
+  down_proj;
+- kv_group mode: kept KV groups keep their G query heads; the group's value is folded into the v rows *and*
+  v bias (attention output is linear in V, bias included). query mode: every KV head stays; kept query
+  heads' values are folded into their o_proj input columns (a value per query head cannot go into a shared V);
+- FFN channels: the channel value is folded into up rows (and up bias);
+- hidden: hz is folded once, on the output side: o_proj / down_proj output rows and every norm weight;
+  inputs of q/k/v/gate/up, embedding and LM head columns are only sliced, so a tied embedding stays tied and
+  unscaled.
+The source model is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from drpruning.masked_model import decoder
+from drpruning.masks import Pruner
+from drpruning.target import Shape, derive_config
+
+
+def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of non-zero units, their values); all units with value 1 when the structure is not pruned."""
+    if mask is None:
+        return torch.arange(size), torch.ones(size)
+    idx = torch.nonzero(mask != 0).flatten()
+    return idx, mask[idx].float()
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+
+
+@torch.no_grad()
+def pruned_state_dict(model: nn.Module, pruner: Pruner) -> tuple[dict[str, torch.Tensor], Shape, list[int]]:
+    """The sliced and folded float32 state dict, its shape and the source indices of the kept layers."""
+    masks = {k: v.detach().float().cpu() for k, v in pruner.deterministic_masks(exact=True).items()}
+    src, base = pruner.source, decoder(model)
+    hd, g = src.head_dim, src.group_size
+    prefix = "model." if getattr(model, "model", None) is base else ""
+    layers, layer_vals = _kept(masks.get("layer"), src.num_hidden_layers)
+    dims, hz = _kept(masks.get("hidden"), src.hidden_size)
+
+    def w(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().float().cpu()
+
+    sd: dict[str, torch.Tensor] = {}
+    heads_out, kv_out, ffn_out = set(), set(), set()
+    for j, (i, lv) in enumerate(zip(layers.tolist(), layer_vals, strict=True)):
+        layer, p = base.layers[i], f"{prefix}layers.{j}."
+        attn, mlp = layer.self_attn, layer.mlp
+        out_scale = (lv * hz)[:, None]  # layer value and hidden values, folded into output rows once
+        # attention heads
+        head_mask = masks.get("head")
+        v_scale = torch.ones(src.num_key_value_heads)
+        if head_mask is None:
+            groups, q_heads = torch.arange(src.num_key_value_heads), torch.arange(src.num_attention_heads)
+            col_scale = torch.ones(src.num_attention_heads)
+        elif pruner.head_mode == "kv_group":
+            groups, gv = _kept(head_mask[i], src.num_key_value_heads)
+            v_scale = gv
+            q_heads = (groups[:, None] * g + torch.arange(g)[None, :]).flatten()
+            col_scale = torch.ones(len(q_heads))
+        else:
+            groups = torch.arange(src.num_key_value_heads)
+            q_heads, col_scale = _kept(head_mask[i].flatten(), src.num_attention_heads)
+        q_rows, kv_rows = _head_rows(q_heads, hd), _head_rows(groups, hd)
+        v_rows_scale = v_scale.repeat_interleave(hd)[:, None]
+        sd[p + "self_attn.q_proj.weight"] = w(attn.q_proj.weight)[q_rows][:, dims]
+        sd[p + "self_attn.k_proj.weight"] = w(attn.k_proj.weight)[kv_rows][:, dims]
+        sd[p + "self_attn.v_proj.weight"] = w(attn.v_proj.weight)[kv_rows][:, dims] * v_rows_scale
+        if attn.q_proj.bias is not None:
+            sd[p + "self_attn.q_proj.bias"] = w(attn.q_proj.bias)[q_rows]
+            sd[p + "self_attn.k_proj.bias"] = w(attn.k_proj.bias)[kv_rows]
+            sd[p + "self_attn.v_proj.bias"] = w(attn.v_proj.bias)[kv_rows] * v_rows_scale[:, 0]
+        o = w(attn.o_proj.weight)[:, q_rows] * col_scale.repeat_interleave(hd)[None, :]
+        sd[p + "self_attn.o_proj.weight"] = o[dims] * out_scale
+        if attn.o_proj.bias is not None:
+            sd[p + "self_attn.o_proj.bias"] = w(attn.o_proj.bias)[dims] * out_scale[:, 0]
+        heads_out.add(len(q_heads))
+        kv_out.add(len(groups))
+        # MLP channels
+        chans, cv = _kept(
+            masks["intermediate"][i] if "intermediate" in masks else None, src.intermediate_size
+        )
+        sd[p + "mlp.gate_proj.weight"] = w(mlp.gate_proj.weight)[chans][:, dims]
+        sd[p + "mlp.up_proj.weight"] = w(mlp.up_proj.weight)[chans][:, dims] * cv[:, None]
+        sd[p + "mlp.down_proj.weight"] = w(mlp.down_proj.weight)[:, chans][dims] * out_scale
+        if mlp.up_proj.bias is not None:
+            sd[p + "mlp.gate_proj.bias"] = w(mlp.gate_proj.bias)[chans]
+            sd[p + "mlp.up_proj.bias"] = w(mlp.up_proj.bias)[chans] * cv
+        if mlp.down_proj.bias is not None:
+            sd[p + "mlp.down_proj.bias"] = w(mlp.down_proj.bias)[dims] * out_scale[:, 0]
+        ffn_out.add(len(chans))
+        sd[p + "input_layernorm.weight"] = w(layer.input_layernorm.weight)[dims] * hz
+        sd[p + "post_attention_layernorm.weight"] = w(layer.post_attention_layernorm.weight)[dims] * hz
+    sd[prefix + "norm.weight"] = w(base.norm.weight)[dims] * hz
+    sd[prefix + "embed_tokens.weight"] = w(base.embed_tokens.weight)[:, dims]
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if lm_head is not None:
+        sd["lm_head.weight"] = w(lm_head.weight)[:, dims]  # tied: the same (unscaled) embedding slice
+        if getattr(lm_head, "bias", None) is not None:
+            sd["lm_head.bias"] = w(lm_head.bias)
+    if len(heads_out) != 1 or len(kv_out) != 1 or len(ffn_out) > 1:
+        raise RuntimeError(f"layers kept unequal unit counts (heads {heads_out}, KV {kv_out}, FFN {ffn_out})")
+    shape = Shape(
+        len(layers),
+        len(dims),
+        heads_out.pop(),
+        kv_out.pop(),
+        ffn_out.pop() if ffn_out else src.intermediate_size,
+        hd,
+    )
+    if shape != pruner.target:
+        raise RuntimeError(f"exported shape {shape} differs from the target {pruner.target}")
+    return sd, shape, layers.tolist()
+
+
+def build_pruned_model(model: nn.Module, pruner: Pruner, dtype: torch.dtype | None = None) -> nn.Module:
+    """A fresh compact model of the target config holding the sliced weights (loaded strictly)."""
+    sd, shape, kept_layers = pruned_state_dict(model, pruner)
+    config = derive_config(model.config, shape, kept_layers)
+    dtype = dtype or next(model.parameters()).dtype
+    with no_init_weights():  # every weight is overwritten below
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    new.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        new.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+def export_model(
+    model: nn.Module,
+    pruner: Pruner,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the compact model (safetensors, config.json with the target shape, generation config, tokenizer)
+    to `out_dir`; `dtype` defaults to the source weights' dtype. Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new = build_pruned_model(model, pruner, dtype)
+    new.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
