@@ -158,3 +158,40 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str | Path | None = None) -> Path:
+    """Export a pruning run's compact model from one of its checkpoints (default: the newest good one)."""
+    from safetensors.torch import load_file, load_model
+
+    from drpruning import parallel
+    from drpruning.checkpoint import Checkpointer
+    from drpruning.config import ConfigError, load_config
+    from drpruning.models import load_model as load_source
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: pass the run directory of `drpruning prune`")
+    cfg = load_config(run_dir / "config.yaml", [])
+    if not cfg.pruning.enabled:
+        raise ConfigError(f"{run_dir} is not a pruning run (pruning.enabled is false): its model/ is already "
+                          "the full model")
+    checkpointer = Checkpointer(run_dir)
+    if checkpoint is None:
+        steps = checkpointer.steps()
+        if not steps:
+            raise ConfigError(f"{run_dir} has no checkpoints to export from")
+        checkpoint = f"step-{steps[0]}"
+    folder = checkpointer.root / checkpoint
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {folder} does not exist; available: "
+                          f"{', '.join(f'step-{s}' for s in checkpointer.steps()) or 'none'}")
+    checkpointer.verify(int(checkpoint.removeprefix("step-")))
+    model, tokenizer = load_source(cfg.model.source)
+    if parallel.is_dcp_checkpoint(folder):
+        parallel.load_sharded(model, None, folder)
+    else:
+        load_model(model, str(folder / "model.safetensors"))
+    pruner = Pruner(model, cfg.pruning, cfg.train.steps)
+    pruner.load_state_dict(load_file(str(folder / "pruner.safetensors")))
+    return export_model(model, pruner, out_dir or run_dir / "model", tokenizer)

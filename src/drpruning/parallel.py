@@ -85,9 +85,9 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
     dcp.save(state, checkpoint_id=str(folder))
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
-    """Load a DCP checkpoint into `model` (sharded or plain, any world size) and its optimiser (collective when
-    a process group exists; a single process reads every shard)."""
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: str | Path) -> None:
+    """Load a DCP checkpoint into `model` (sharded or plain, any world size) and its optimiser, unless None
+    (collective when a process group exists; a single process reads every shard)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -97,12 +97,15 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
     )
 
     # DCP loads in place into tensors of the right (local) shapes: ask the model and optimiser for them first
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(folder), no_dist=not tdist.is_initialized())
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def _tied_complete(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
