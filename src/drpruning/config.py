@@ -18,7 +18,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     source: str = "smollm2-135m"  # a folder, a hub id, a .gguf file or a name known to `fetch-model`
-    dtype: str = "auto"  # auto | bfloat16 | float32 (weights are kept in float32; autocast uses this)
+    # dtype of the weights held and trained: auto = float32 master weights (train.dtype sets the compute dtype);
+    # bfloat16 halves memory (pure bf16 training). Exported models keep the source's dtype either way.
+    dtype: str = "auto"
 
 
 @dataclass

@@ -91,7 +91,9 @@ class Trainer:
         sources = check_sources(cfg.data.domains)
 
         self.seed_everything(t.seed)
-        self.model, self.tokenizer = load_model(cfg.model.source, dtype=torch.float32)
+        # weights are trained in model.dtype (auto: float32 master weights) and saved in the source's dtype
+        self.model, self.tokenizer = load_model(cfg.model.source, dtype=cfg.model.dtype)
+        self.save_dtype = _as_torch_dtype(getattr(model_config, "dtype", None))
         self.model.to(self.device)
         self.model.config.use_cache = False
         self.corpus = load_corpus(cfg.data, self.tokenizer, sources)
@@ -373,9 +375,9 @@ class Trainer:
             if self.pruner is not None:
                 from drpruning.export import export_model
 
-                export_model(model, self.pruner, out, self.tokenizer)
+                export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
             else:
-                model.save_pretrained(out)
+                model.to(self.save_dtype or next(model.parameters()).dtype).save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
             config = self.model.config if self.pruner is None else _read_json(out / "config.json")
             shape = {key: (config[key] if isinstance(config, dict) else getattr(config, key)) for key in
@@ -400,6 +402,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _as_torch_dtype(value) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value, None) if isinstance(value, str) else None
 
 
 def _read_json(path: Path) -> dict:
