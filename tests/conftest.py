@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from drpruning.models import ModelSourceError, cache_root, fetch_model
 
@@ -27,3 +28,13 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip("../shared not present (real data for tests; see README)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, the machine's cores are shared, and in-process reference runs
+    then use the same kernels as each torchrun worker (OMP_NUM_THREADS=1). Subprocesses are unaffected."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -78,14 +78,6 @@ def torchrun(args: list[str], tmp_path: Path, **env: str) -> subprocess.Complete
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The in-process reference runs the same kernels as each torchrun worker (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run_one(items: list[str]) -> Path:
     return Trainer(load_config(None, items)).run()

@@ -15,14 +15,6 @@ KINDS = ["llama", "tied", "qwen2", "mistral"]
 ALL = ["layer", "head", "intermediate", "hidden"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def pruner_for(model, mode="kv_group", structures=ALL) -> Pruner:
     cfg = model.config

@@ -23,14 +23,6 @@ TARGET = {"num_hidden_layers": 2, "num_key_value_heads": 1, "intermediate_size":
 QUERY_TARGET = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "hidden_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(mode="kv_group", structures=ALL, steps=100, target=None, **kw):
     model = tiny_model("llama")
