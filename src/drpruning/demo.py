@@ -53,8 +53,19 @@ def run_demo(out: Path, quick: bool = False) -> Path:
     pruned = _stage("demo_prune.yaml", out / "prune", [f"model.source={source}", *shrink])
     continued = _stage("demo_cpt.yaml", out / "cpt", [f"model.source={pruned}", *shrink_cpt])
     limit = 20 if quick else 100
-    (out / "source").mkdir(parents=True, exist_ok=True)
+    _source_run(out)
     _downstream(source, out / "source", limit)
     _downstream(pruned, out / "prune", limit)
     _downstream(continued, out / "cpt", limit)
-    return write_report([out / "prune", out / "cpt"], out)
+    return write_report([out / "source", out / "prune", out / "cpt"], out)
+
+
+def _source_run(out: Path) -> None:
+    """The source model's row in the report: its held-out losses are the pruning run's step-0 evaluation."""
+    from drpruning.metrics import MetricsLog, read_metrics
+
+    folder = out / "source"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "metrics.jsonl").is_file():
+        first = next(r for r in read_metrics(out / "prune" / "metrics.jsonl") if r["kind"] == "eval")
+        MetricsLog(folder / "metrics.jsonl").write(**first)
