@@ -62,6 +62,10 @@ def prepare_masks(pruner: Pruner) -> dict[str, torch.Tensor | None]:
     if hidden is not None:
         keep = (hidden != 0).to(torch.float32)
         cur["norm_avg"] = keep / keep.sum().clamp_min(1.0)
+    # one view per layer: a single backward for all layers instead of a zero-filled [L, ...] gradient per hook
+    for key in ("head", "intermediate", "out"):
+        if cur[key] is not None:
+            cur[key] = cur[key].unbind(0)
     return cur
 
 
@@ -70,10 +74,12 @@ def _masked_rms_forward(pruner: Pruner):
         z, avg = pruner.current.get("hidden"), pruner.current.get("norm_avg")
         input_dtype = hidden_states.dtype
         x = hidden_states.to(torch.float32)
-        # mean over the kept dimensions only; elementwise, so that autocast keeps it in float32
-        variance = (x.pow(2) * avg).sum(-1, keepdim=True)
+        # mean over the kept dimensions only: one float32 matrix-vector product (autocast off, or it would
+        # run in bf16); `avg` is 1/kept on kept dimensions and 0 elsewhere
+        with torch.autocast(x.device.type, enabled=False):
+            variance = x.pow(2) @ avg.to(torch.float32)[:, None]
         x = x * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * x.to(input_dtype) * z.to(input_dtype)
+        return (self.weight * z).to(input_dtype) * x.to(input_dtype)
 
     return forward
 
