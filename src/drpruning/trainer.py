@@ -159,8 +159,9 @@ class Trainer:
         self.model.eval()
         if self.pruner is not None:
             self.pruner.eval(exact=exact)
-        sums = torch.zeros(len(self.names), dtype=torch.float64)
-        counts = torch.zeros(len(self.names), dtype=torch.float64)
+        # on the device: NCCL reduces device tensors only, and no host sync per batch
+        sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         bs = self.cfg.train.eval_batch_size
         # FSDP forwards are collective (weights are all-gathered): every rank runs as many batches as the
         # busiest one; a rank out of sequences runs a throw-away one
@@ -176,7 +177,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                     tl = token_losses(self.model, ids)
                 if not dummy:
-                    sums[d] += tl.double().sum().item()
+                    sums[d] += tl.double().sum()
                     counts[d] += tl.numel()
         dist.all_reduce_sum(sums)
         dist.all_reduce_sum(counts)
@@ -215,12 +216,12 @@ class Trainer:
             self.domain_tokens[d] += seq_len
         local = batch[dist.rank()::dist.world()]
         n_global = t.batch_size * (seq_len - 1)
-        sums = torch.zeros(k, dtype=torch.float64)
-        counts = torch.zeros(k, dtype=torch.float64)
+        sums = torch.zeros(k, dtype=torch.float64, device=self.device)  # device: see evaluate()
+        counts = torch.zeros(k, dtype=torch.float64, device=self.device)
         micro = [local[i:i + t.micro_batch_size] for i in range(0, len(local), t.micro_batch_size)]
         for j, chunk in enumerate(micro):
             ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
-            domains = torch.tensor([d for d, _ in chunk])
+            domains = torch.tensor([d for d, _ in chunk], device=self.device)
             sync = j == len(micro) - 1
             with _maybe_no_sync(self.train_model, sync):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
@@ -228,8 +229,9 @@ class Trainer:
                 seq_sums = tl.sum(dim=1)
                 # DDP averages gradients over ranks, so each rank's share is scaled by the world size
                 (seq_sums.sum() / n_global * dist.world()).backward()
-            sums.index_add_(0, domains, seq_sums.detach().double().cpu())
-            counts.index_add_(0, domains, torch.full((len(chunk),), float(seq_len - 1), dtype=torch.float64))
+            sums.index_add_(0, domains, seq_sums.detach().double())
+            counts.index_add_(0, domains, torch.full((len(chunk),), float(seq_len - 1), dtype=torch.float64,
+                                                     device=self.device))
         record: dict = {}
         if self.pruner is not None:
             if dist.world() > 1:  # masks live outside DDP: average their gradients by hand
