@@ -30,7 +30,8 @@ def test_mixing_methods_on_real_data(shared_dir, default_model_dir, tmp_path, se
              f"data.proportions=[{','.join(map(str, proportions))}]", "data.seq_len=64", "data.eval_sequences=1",
              f"data.cache_dir={tmp_path.parent / 'token-cache'}",
              "train.steps=3", "train.batch_size=2", "train.micro_batch_size=2", "train.eval_every=1",
-             "train.checkpoint_every=3", "train.eval_batch_size=8", f"mixing.method={method}"]
+             "train.checkpoint_every=3", "train.eval_batch_size=8", f"mixing.method={method}",
+             "model.dtype=bfloat16"]  # pure bf16: half the checkpoint bytes on disk and faster on a CPU
     if stage == "prune":
         items += ["pruning.enabled=true", "pruning.structures=[layer,head,intermediate]",
                   "pruning.target.num_hidden_layers=28", "pruning.target.intermediate_size=1280"]

@@ -6,6 +6,7 @@ files and that loads is used; a corrupt one is refused with a message and the pr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,33 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(e: BaseException) -> bool:
+    # torch.save raises OSError(ENOSPC); safetensors raises its own error with the OS message inside
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+
+
+def _free_gb(path: Path) -> float:
+    return shutil.disk_usage(path).free / 1e9
+
+
+def check_disk_space(folder: str | Path, checkpoint_bytes: int, keep: int, export_bytes: int) -> None:
+    """Before a run starts: refuse when even one checkpoint plus the exported model cannot fit, and warn
+    when the `keep` (+1 while the next is written) checkpoints it will hold may not."""
+    folder = Path(folder)
+    probe = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    need_one, need_all = checkpoint_bytes + export_bytes, (keep + 1) * checkpoint_bytes + export_bytes
+    if free < need_one:
+        raise CheckpointError(
+            f"{probe} has {free / 1e9:.1f} GB free, but one checkpoint of this run takes about "
+            f"{checkpoint_bytes / 1e9:.1f} GB and the exported model {export_bytes / 1e9:.1f} GB; "
+            "free some space or point run_dir at a larger disk")
+    if free < need_all:
+        log.warning("%s has %.1f GB free; the %d checkpoints this run keeps (+1 while writing) and the export "
+                    "need about %.1f GB: lower train.keep_checkpoints or free some space", probe, free / 1e9,
+                    keep, need_all / 1e9)
 
 
 class Checkpointer:
@@ -56,7 +84,16 @@ class Checkpointer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing behind, not even its bytes
+            if _disk_full(e):
+                raise CheckpointError(
+                    f"no space left on the disk of {self.root} while writing the checkpoint of step {step}; "
+                    f"{_free_gb(self.root):.1f} GB free. Free some space or point run_dir at a larger disk, "
+                    "and/or lower train.keep_checkpoints; then resume with resume=true") from e
+            raise
         return self._finalise(step, tmp)
 
     def save_collective(self, step: int, write: Callable[[Path], None], main: bool,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from drpruning import distributed as dist
 from drpruning import parallel
-from drpruning.checkpoint import Checkpointer
+from drpruning.checkpoint import Checkpointer, check_disk_space
 from drpruning.config import ConfigError, RunConfig, save_config
 from drpruning.data import check_sources, load_corpus
 from drpruning.metrics import MetricsLog, progress
@@ -275,6 +275,15 @@ class Trainer:
             self.checkpointer.save(self.step, self._write)
         dist.barrier()
 
+    def check_disk_space(self) -> None:
+        """Fail at the start, not at the first checkpoint hours later, when the disk cannot hold one."""
+        weights = sum(q.numel() * q.element_size() for q in self.model.parameters())
+        adam = 2 * sum(q.numel() * q.element_size() for q in self.model.parameters() if q.requires_grad)
+        pruner = sum(q.numel() * 4 * 3 for q in self.pruner.parameters()) if self.pruner is not None else 0
+        export = sum(q.numel() for q in self.model.parameters()) * (
+            torch.finfo(self.save_dtype).bits // 8 if self.save_dtype is not None else 4)
+        check_disk_space(self.run_dir, weights + adam + pruner, self.cfg.train.keep_checkpoints, export)
+
     def _write(self, folder: Path) -> None:
         sharded = parallel.is_fsdp(self.model)
         if sharded:  # collective: weights and their optimiser state, one file per rank
@@ -336,6 +345,8 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.main:
+            self.check_disk_space()
         resumed = self.checkpointer.load_latest(self._read) if self.cfg.resume else None
         if resumed is not None:
             self.step = resumed[0]
