@@ -208,6 +208,7 @@ def child(args, variant: str) -> dict:
         args.target_params,
         "--threads",
         str(args.threads),
+        *(["--default-malloc"] if args.default_malloc else []),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -222,11 +223,17 @@ def main() -> None:
     ap.add_argument("--target-params", default="60M", help="target for the pruning step and the export")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="CPU: keep glibc's default malloc (the trainer stops it returning memory to the OS)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
+        if args.device == "cpu" and not args.default_malloc:
+            from drpruning.cpu_memory import keep_freed_memory
+
+            keep_freed_memory()  # as the trainer does on a CPU
         args.variant = args.child
         run = {"export": export_variant, "timing": timing}.get(args.child, memory_variant)
         result = run(args)
@@ -239,7 +246,8 @@ def main() -> None:
     mem_kind = "max allocated" if args.device.startswith("cuda") else "peak RSS growth"
     print(
         f"model {args.model}, batch {args.batch}x{args.seq}, {args.steps} timed steps, bf16 autocast, "
-        f"device {args.device}, threads {torch.get_num_threads()}, target {args.target_params} "
+        f"device {args.device}, threads {torch.get_num_threads()}, target {args.target_params}, "
+        f"{'default' if args.default_malloc else 'kept-heap'} malloc "
         f"-> {exp['shape']}\n"
     )
     print("| measure | plain | pruning / exported | ratio |\n|---|---|---|---|")

@@ -80,7 +80,8 @@ def set_threads() -> None:
     beyond floating-point summation order."""
     import torch
 
-    n = 1 if others_busy() > 0.5 else min(2, os.cpu_count() or 1)
+    fixed = int(os.environ.get("COMPARE_THREADS", "0"))  # set it to keep a core free for other work
+    n = fixed or (1 if others_busy() > 0.5 else min(2, os.cpu_count() or 1))
     torch.set_num_threads(n)
     log.info("torch threads: %d", n)
 

@@ -8,7 +8,7 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from drpruning.config import ConfigError, PruningConfig
-from drpruning.masked_model import prepare_masks
+from drpruning.masked_model import MaskedLinear, prepare_masks
 from drpruning.masks import Pruner
 
 KINDS = ["llama", "tied", "qwen2", "mistral"]
@@ -132,3 +132,69 @@ def test_unsupported_architecture_is_named():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64))
     with pytest.raises(ConfigError, match="llama, qwen2, mistral"):
         Pruner(gpt2, PruningConfig(enabled=True, target={"hidden_size": 8}), 10)
+
+
+def _reference_linear(x, w, b, zo, zin):
+    """The masked linear as plain autograd sees it: masks on the activations."""
+    x = x * zin if zin is not None else x
+    y = torch.nn.functional.linear(x, w, b)
+    return y * zo if zo is not None else y
+
+
+MASK_CASES = {  # (output mask, input mask, bias)
+    "rows+cols+bias": ("full", "full", True),
+    "rows+cols": ("full", "full", False),
+    "layer-gate+cols": ("gate", "full", False),
+    "layer-gate+bias": ("gate", None, True),
+    "cols-only": (None, "full", False),
+    "rows-only+bias": ("full", None, True),
+}
+
+
+def _linear_inputs(case, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = 5, 7
+    zo_kind, zin_kind, bias = MASK_CASES[case]
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    x, w = t(2, 3, in_f), t(out_f, in_f)
+    b = t(out_f) if bias else None
+    zo = {"full": t(out_f), "gate": t(1), None: None}[zo_kind]
+    zin = t(in_f) if zin_kind else None
+    return x, w, b, zo, zin
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masked_linear_gradients_are_exact(case):
+    # finite differences in float64 against the custom backward
+    inputs = _linear_inputs(case, torch.float64)
+    assert torch.autograd.gradcheck(MaskedLinear.apply, inputs)
+    # and the same values as autograd through activation-side masks
+    y = MaskedLinear.apply(*inputs)
+    ref = _reference_linear(*inputs)
+    torch.testing.assert_close(y, ref)
+    live = [t for t in inputs if t is not None]
+    seed = torch.randn_like(y)
+    got = torch.autograd.grad(y, live, seed)
+    want = torch.autograd.grad(ref, live, seed)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_masked_linear_under_bf16_autocast_matches_float32_within_bf16_error():
+    x, w, b, zo, zin = _linear_inputs("rows+cols+bias", torch.float32, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = MaskedLinear.apply(x, w, b, zo, zin)
+    assert y.dtype == torch.bfloat16  # as nn.Linear under autocast
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and zo.grad.dtype == torch.float32
+    got = [y.float()] + [t.grad.clone() for t in (x, w, b, zo, zin)]
+    for t in (x, w, b, zo, zin):
+        t.grad = None
+    ref = _reference_linear(x, w, b, zo, zin)
+    ref.sum().backward()
+    want = [ref] + [t.grad for t in (x, w, b, zo, zin)]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=3e-2, atol=3e-2)

@@ -3,9 +3,10 @@
 Hooks only, no copied modeling code, attention kernels (SDPA, flash) untouched:
 - a forward pre-hook on the decoder samples every mask once per forward (so gradient checkpointing's
   recomputation sees the same masks) and precomputes the per-layer vectors below;
-- `o_proj` pre-hook: per-head mask on its input (each head's head_dim slice);
-- `o_proj` / `down_proj` forward hooks: output times layer gate times hidden mask;
-- `down_proj` pre-hook: intermediate mask on its input;
+- `o_proj` and `down_proj` run with masked weights: input columns times the head mask (each head's head_dim
+  slice) or the intermediate mask, output rows (and bias) times layer gate times hidden mask. Scaling the
+  weight instead of the activations gives the same function with elementwise work of the weight's size, not
+  the batch's: a token batch is usually far larger than an output dimension;
 - every RMSNorm's `forward` is overridden on the instance (state-dict keys unchanged) by a masked RMSNorm: the
   mean of squares runs only over dimensions whose hidden mask is non-zero, and the output is multiplied by the
   mask. A plain RMSNorm followed by a multiply would not equal the sliced model.
@@ -84,6 +85,82 @@ def _masked_rms_forward(pruner: Pruner):
     return forward
 
 
+class MaskedLinear(torch.autograd.Function):
+    """y = x @ (W * zo zin^T)^T + b * zo, with zo the output-row mask ([out] or a [1] gate) and zin the
+    input-column mask ([in]); either may be None. Autograd would keep the [out, in] mask product and the
+    masked weight for backward (a weight-sized tensor per layer: 5.8 GB for LLaMA-7B's down_proj alone);
+    this keeps only x and the masks, recomputes the masked weight in backward, and gets the masks' gradients
+    as two matrix-vector products. Under autocast it computes in the autocast dtype, as nn.Linear would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, zo, zin):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        x = x.to(dtype)
+        b = None if bias is None else (bias if zo is None else bias * zo.to(bias.dtype)).to(dtype)
+        with torch.autocast(device, enabled=False):
+            y = nn.functional.linear(x, _masked_weight(weight, zo, zin).to(dtype), b)
+        ctx.save_for_backward(x, weight, bias, zo, zin)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, zo, zin = ctx.saved_tensors
+        need_x, need_w, need_b, need_zo, need_zin = ctx.needs_input_grad
+        gx = gw = gb = gzo = gzin = None
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(x.dtype)
+            if need_x:
+                gx = gy @ _masked_weight(weight, zo, zin).to(x.dtype)
+            gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            g_masked = (gy2.t() @ x2).to(weight.dtype)  # gradient of the masked weight, [out, in]
+            if need_w:
+                gw = g_masked if zo is None and zin is None else g_masked * _scale(zo, zin, weight.dtype)
+            if need_zo or need_zin:
+                g = g_masked * weight  # d loss / d (zo zin^T), elementwise
+                if need_zo:
+                    rows = g @ zin.to(g.dtype) if zin is not None else g.sum(1)
+                    gzo = rows.sum().reshape(zo.shape) if zo.numel() == 1 else rows
+                if need_zin:
+                    if zo is None:
+                        gzin = g.sum(0)
+                    else:
+                        gzin = zo.to(g.dtype) @ g if zo.numel() > 1 else zo.to(g.dtype) * g.sum(0)
+            if bias is not None and (need_b or need_zo):
+                g_bias = gy2.sum(0).to(bias.dtype)
+                if need_b:
+                    gb = g_bias if zo is None else g_bias * zo.to(bias.dtype)
+                if need_zo:
+                    extra = g_bias * bias
+                    gzo = gzo + (extra.sum().reshape(zo.shape) if zo.numel() == 1 else extra)
+        gzo = None if gzo is None else gzo.to(zo.dtype)
+        gzin = None if gzin is None else gzin.to(zin.dtype)
+        return gx, gw, gb, gzo, gzin
+
+
+def _scale(zo: torch.Tensor | None, zin: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] (or broadcastable [out, 1] / [1, in]) product of the masks."""
+    if zo is not None and zin is not None:
+        return (zo[:, None] * zin[None, :]).to(dtype)
+    return zo.to(dtype)[:, None] if zo is not None else zin.to(dtype)[None, :]
+
+
+def _masked_weight(weight: torch.Tensor, zo: torch.Tensor | None, zin: torch.Tensor | None) -> torch.Tensor:
+    return weight if zo is None and zin is None else weight * _scale(zo, zin, weight.dtype)
+
+
+def _masked_linear_forward(pruner: Pruner, layer: int, in_key: str | None):
+    """forward of o_proj (`in_key` "head") / down_proj ("intermediate") of one layer, with its masks."""
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        cur = pruner.current
+        zin = cur[in_key][layer] if in_key is not None and cur[in_key] is not None else None
+        zo = cur["out"][layer] if cur["out"] is not None else None
+        return MaskedLinear.apply(x, self.weight, self.bias, zo, zin)
+
+    return forward
+
+
 def attach(model: nn.Module, pruner: Pruner) -> list[Any]:
     """Install the hooks; returns the handles for `detach`."""
     base = decoder(model)
@@ -98,33 +175,19 @@ def attach(model: nn.Module, pruner: Pruner) -> list[Any]:
 
     handles.append(base.register_forward_pre_hook(sample))
 
+    outputs = "layer" in pruner.structures or "hidden" in pruner.structures
     for i, layer in enumerate(base.layers):
-        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
-
-        def head_pre(_m, args, i=i):
-            z = pruner.current["head"]
-            return (args[0] * z[i].to(args[0].dtype),) + tuple(args[1:])
-
-        def ffn_pre(_m, args, i=i):
-            z = pruner.current["intermediate"]
-            return (args[0] * z[i].to(args[0].dtype),) + tuple(args[1:])
-
-        def out_post(_m, _args, output, i=i):
-            return output * pruner.current["out"][i].to(output.dtype)
-
-        if "head" in pruner.structures:
-            handles.append(o_proj.register_forward_pre_hook(head_pre))
-        if "intermediate" in pruner.structures:
-            handles.append(down.register_forward_pre_hook(ffn_pre))
-        if "layer" in pruner.structures or "hidden" in pruner.structures:
-            handles.append(o_proj.register_forward_hook(out_post))
-            handles.append(down.register_forward_hook(out_post))
+        for module, in_key in ((layer.self_attn.o_proj, "head"), (layer.mlp.down_proj, "intermediate")):
+            in_key = in_key if in_key in pruner.structures else None
+            if in_key is not None or outputs:
+                module.forward = types.MethodType(_masked_linear_forward(pruner, i, in_key), module)
+                handles.append(("forward", module))
 
     if "hidden" in pruner.structures:
         forward = _masked_rms_forward(pruner)
         for norm in norms(base):
             norm.forward = types.MethodType(forward, norm)
-            handles.append(("norm", norm))
+            handles.append(("forward", norm))
     return handles
 
 
@@ -138,7 +201,7 @@ def norms(base: nn.Module) -> list[nn.Module]:
 
 def detach(model: nn.Module, handles: list[Any]) -> None:
     for h in handles:
-        if isinstance(h, tuple) and h[0] == "norm":
+        if isinstance(h, tuple) and h[0] == "forward":  # instance override: the class's forward returns
             h[1].__dict__.pop("forward", None)
         else:
             h.remove()

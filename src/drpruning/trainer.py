@@ -22,6 +22,7 @@ from drpruning import distributed as dist
 from drpruning import parallel
 from drpruning.checkpoint import Checkpointer, check_disk_space
 from drpruning.config import ConfigError, RunConfig, save_config
+from drpruning.cpu_memory import keep_freed_memory
 from drpruning.data import check_sources, load_corpus
 from drpruning.metrics import MetricsLog, progress
 
@@ -69,6 +70,8 @@ class Trainer:
 
         self.cfg = cfg
         self.device = dist.init()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.main = dist.is_main()
         self.run_dir = Path(cfg.run_dir)
         t = cfg.train

@@ -62,6 +62,10 @@ def evaluate_model(model_dir: str | Path, data: dict[str, str | Path] | None = N
 
     model_dir = resolve_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        from drpruning.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     # bf16 weights on a GPU; float32 on CPU, where bf16 matmuls are slow and less exact
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     results: dict = {"model": str(model_dir)}
