@@ -79,8 +79,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--random-weights", action="store_true",
                     help="build the architecture from its config only (speed does not depend on the weights)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="CPU: keep glibc's default malloc (the trainer stops it returning memory to the OS)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.default_malloc:
+        from drpruning.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # as the trainer does on a CPU
 
     if args.random_weights:
         config = load_model_config(args.model)[0]
@@ -92,7 +98,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     per_token = flops_per_token(model.config, args.seq, n_params)
 
-    cpu = f"CPU, {torch.get_num_threads()} threads"
+    cpu = f"CPU, {torch.get_num_threads()} threads, {'default' if args.default_malloc else 'kept-heap'} malloc"
     where = torch.cuda.get_device_name() if device.type == "cuda" else cpu
     print(f"model {args.model}: {n_params / 1e6:.1f}M parameters, batch {args.batch}x{args.seq} = {tokens} "
           f"tokens/step, {per_token / 1e9:.3f} GFLOP/token, {args.steps} timed steps after 1 warm-up; "
