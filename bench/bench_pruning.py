@@ -14,6 +14,8 @@ Memory: each training variant runs one step in its own subprocess, so the two ca
 state. On CUDA the figure is torch.cuda.max_memory_allocated; on CPU it is the growth of the process's
 peak RSS (VmHWM, reset just before the first training step) over the RSS at that moment: gradients,
 optimizer state, activations and allocator overhead, without the weights loaded before (the same in both).
+On a CPU every child first applies the trainer's allocator setting (`drpruning.cpu_memory`: freed memory stays
+in the heap); `--default-malloc` measures with glibc's default instead.
 """
 
 from __future__ import annotations
