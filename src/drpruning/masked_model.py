@@ -1,6 +1,7 @@
 """Apply a Pruner's masks to an unmodified transformers Llama / Qwen2 / Mistral model (method.md §3).
 
-Hooks only, no copied modeling code, attention kernels (SDPA, flash) untouched:
+A pre-hook and per-instance `forward` overrides, no copied modeling code, attention kernels (SDPA, flash)
+untouched:
 - a forward pre-hook on the decoder samples every mask once per forward (so gradient checkpointing's
   recomputation sees the same masks) and precomputes the per-layer vectors below;
 - `o_proj` and `down_proj` run with masked weights: input columns times the head mask (each head's head_dim
@@ -113,7 +114,8 @@ class MaskedLinear(torch.autograd.Function):
             if need_x:
                 gx = gy @ _masked_weight(weight, zo, zin).to(x.dtype)
             gy2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            g_masked = (gy2.t() @ x2).to(weight.dtype)  # gradient of the masked weight, [out, in]
+            if need_w or need_zo or need_zin:
+                g_masked = (gy2.t() @ x2).to(weight.dtype)  # gradient of the masked weight, [out, in]
             if need_w:
                 gw = g_masked if zo is None and zin is None else g_masked * _scale(zo, zin, weight.dtype)
             if need_zo or need_zin:

@@ -348,7 +348,6 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        if self.main:
             self.check_disk_space()
         resumed = self.checkpointer.load_latest(self._read) if self.cfg.resume else None
         if resumed is not None:
