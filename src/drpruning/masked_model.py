@@ -64,7 +64,7 @@ def prepare_masks(pruner: Pruner) -> dict[str, torch.Tensor | None]:
     if hidden is not None:
         keep = (hidden != 0).to(torch.float32)
         cur["norm_avg"] = keep / keep.sum().clamp_min(1.0)
-    # one view per layer: a single backward for all layers instead of a zero-filled [L, ...] gradient per hook
+    # one view per layer: a single backward for all layers instead of a zero-filled [L, ...] gradient per use
     for key in ("head", "intermediate", "out"):
         if cur[key] is not None:
             cur[key] = cur[key].unbind(0)
@@ -120,22 +120,17 @@ class MaskedLinear(torch.autograd.Function):
                 gw = g_masked if zo is None and zin is None else g_masked * _scale(zo, zin, weight.dtype)
             if need_zo or need_zin:
                 g = g_masked * weight  # d loss / d (zo zin^T), elementwise
-                if need_zo:
-                    rows = g @ zin.to(g.dtype) if zin is not None else g.sum(1)
-                    gzo = rows.sum().reshape(zo.shape) if zo.numel() == 1 else rows
+                if need_zo:  # per output row, then summed to zo's shape (a [1] layer gate takes the total)
+                    gzo = g @ zin.to(g.dtype) if zin is not None else g.sum(1)
                 if need_zin:
-                    if zo is None:
-                        gzin = g.sum(0)
-                    else:
-                        gzin = zo.to(g.dtype) @ g if zo.numel() > 1 else zo.to(g.dtype) * g.sum(0)
+                    gzin = zo.to(g.dtype).expand(g.shape[0]) @ g if zo is not None else g.sum(0)
             if bias is not None and (need_b or need_zo):
                 g_bias = gy2.sum(0).to(bias.dtype)
                 if need_b:
                     gb = g_bias if zo is None else g_bias * zo.to(bias.dtype)
                 if need_zo:
-                    extra = g_bias * bias
-                    gzo = gzo + (extra.sum().reshape(zo.shape) if zo.numel() == 1 else extra)
-        gzo = None if gzo is None else gzo.to(zo.dtype)
+                    gzo = gzo + g_bias * bias
+        gzo = None if gzo is None else gzo.sum_to_size(zo.shape).to(zo.dtype)
         gzin = None if gzin is None else gzin.to(zin.dtype)
         return gx, gw, gb, gzo, gzin
 
