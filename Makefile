@@ -21,7 +21,7 @@ demo: venv
 
 # the default suite, then the slow end-to-end tests once (real model, real data)
 test: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench experiments
 	$(VENV)/bin/pytest -m "not slow" -q
 	$(VENV)/bin/pytest -m slow -q
 
@@ -29,7 +29,7 @@ test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" -q
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench experiments
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,8 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from drpruning.config import MixingConfig
-from drpruning.mixing import build_mixer, dro_weights
-from drpruning.scaling_law import ScalingLaw
+from drpruning.mixing import ScalingLaw, build_mixer, dro_weights
 
 
 def timed(fn, repeats: int) -> float:

@@ -14,7 +14,7 @@ Memory: each training variant runs one step in its own subprocess, so the two ca
 state. On CUDA the figure is torch.cuda.max_memory_allocated; on CPU it is the growth of the process's
 peak RSS (VmHWM, reset just before the first training step) over the RSS at that moment: gradients,
 optimizer state, activations and allocator overhead, without the weights loaded before (the same in both).
-On a CPU every child first applies the trainer's allocator setting (`drpruning.cpu_memory`: freed memory stays
+On a CPU every child first applies the trainer's allocator setting (`drpruning.training.cpu_memory`: freed memory stays
 in the heap); `--default-malloc` measures with glibc's default instead.
 """
 
@@ -96,9 +96,9 @@ def setup(args, with_pruner: bool):
     weights = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     pruner = masks_opt = None
     if with_pruner:
-        from drpruning.masks import Pruner
+        from drpruning.pruning import Pruner
 
-        pruner = Pruner(model, pruning_cfg(args.target_params), total_steps=100).to(args.device)
+        pruner = Pruner(model.config, pruning_cfg(args.target_params), total_steps=100, device=args.device)
         pruner.seed(0)
         masks_opt = torch.optim.AdamW(pruner.optimizer_groups(), betas=(0.9, 0.95))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device=args.device)
@@ -114,7 +114,10 @@ def memory_variant(args) -> dict:
     """Peak memory of one training step of one variant (own process: no shared allocator state)."""
     model, pruner, weights, masks_opt, ids = setup(args, args.variant == "prune")
     if pruner is not None:
-        pruner.attach().train()
+        from drpruning.pruning import attach
+
+        attach(model, pruner)
+        pruner.train()
     step = make_step(model, pruner, [weights] + ([masks_opt] if masks_opt else []), ids, args.device)
     before = rss_mb()
     reset_peak_rss()
@@ -131,11 +134,14 @@ def timing(args) -> dict:
     model, pruner, weights, masks_opt, ids = setup(args, True)
     plain = make_step(model, None, [weights], ids, args.device)
     prune = make_step(model, pruner, [weights, masks_opt], ids, args.device)
+    from drpruning.pruning import attach
+
     times: dict[str, list[float]] = {"plain": [], "prune": []}
     for i in range(args.steps + 1):  # the first round warms up
         for name, fn in (("plain", plain), ("prune", prune)):
             if name == "prune":
-                pruner.attach().train()
+                masked = attach(model, pruner)
+                pruner.train()
             sync(args.device)
             t0 = time.perf_counter()
             fn(i)
@@ -143,7 +149,7 @@ def timing(args) -> dict:
             if i:
                 times[name].append(time.perf_counter() - t0)
             if name == "prune":
-                pruner.detach()
+                masked.detach()
     tokens = args.batch * args.seq
     return {k: tokens / statistics.median(v) for k, v in times.items()}
 
@@ -161,12 +167,11 @@ def export_variant(args) -> dict:
     source and exported forwards alternately."""
     from transformers import AutoModelForCausalLM
 
-    from drpruning.export import export_model
-    from drpruning.masks import Pruner
-    from drpruning.target import parameter_count
+    from drpruning.models import parameter_count
+    from drpruning.pruning import Pruner, export_model
 
     model = load(args.model, args.device).eval()
-    pruner = Pruner(model, pruning_cfg(args.target_params), total_steps=100).to(args.device)
+    pruner = Pruner(model.config, pruning_cfg(args.target_params), total_steps=100, device=args.device)
     with torch.no_grad():
         for p in pruner.log_alpha.values():
             p.normal_(0.0, 2.0)
@@ -233,7 +238,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         if args.device == "cpu" and not args.default_malloc:
-            from drpruning.cpu_memory import keep_freed_memory
+            from drpruning.training.cpu_memory import keep_freed_memory
 
             keep_freed_memory()  # as the trainer does on a CPU
         args.variant = args.child

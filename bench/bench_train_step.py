@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.default_malloc:
-        from drpruning.cpu_memory import keep_freed_memory
+        from drpruning.training.cpu_memory import keep_freed_memory
 
         keep_freed_memory()  # as the trainer does on a CPU
 

@@ -1,13 +1,22 @@
-"""Shared fixtures: the real default model and the ../shared data folder (tiny models: tiny_models.py)."""
+"""Shared fixtures: the real default model and the ../shared data folder. Helpers (tiny random models, run
+overrides) live in tests/helpers, put on sys.path here.
+
+Tiers: unit/ mirrors the package; integration/ runs the trainer (SIGKILL resume, torchrun, export of a run);
+golden/ replays the stored loss curve; slow/ runs the real SmolLM2-135M on ../shared (marker `slow`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from drpruning.models import ModelSourceError, cache_root, fetch_model
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+
+from drpruning.models import ModelSourceError, cache_root, fetch_model  # noqa: E402
+from drpruning.paths import shared_dir as find_shared  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +33,7 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    path = Path(__file__).resolve().parents[2] / "shared"
+    path = find_shared()
     if not path.is_dir():
         pytest.skip("../shared not present (real data for tests; see README)")
     return path

@@ -23,7 +23,7 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def cmd_train(args: argparse.Namespace, pruning: bool = False) -> int:
     from drpruning.config import load_config
-    from drpruning.trainer import train
+    from drpruning.training.trainer import train
 
     config, overrides = _config_and_overrides(args)
     if pruning:
@@ -43,7 +43,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from drpruning.export import export_run
+    from drpruning.pruning.export import export_run
 
     print(export_run(Path(args.run_dir), checkpoint=args.checkpoint, out_dir=args.out))
     return 0
@@ -150,7 +150,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from drpruning import distributed
+    from drpruning.training import distributed
 
     args = build_parser().parse_args(argv)
     level = logging.INFO if distributed.rank_from_env() == 0 else logging.WARNING

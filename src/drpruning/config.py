@@ -60,7 +60,7 @@ class TrainConfig:
 
 @dataclass
 class MixingConfig:
-    method: str = "constant"  # constant | sheared | dro | drpruning
+    method: str = "constant"  # a name in drpruning.mixing.METHODS: constant | sheared | dro | drpruning
     signal: str = "eval"  # eval | train (EMA of training loss)
     ema: float = 0.1
     rho: float = 0.1
@@ -76,6 +76,7 @@ class MixingConfig:
     record_from: float = 0.02  # fraction of training after which scaling-law points are recorded
     fit_from: float = 0.10  # fraction of training after which the law is fitted
     ratio_from: float = 0.20  # fraction of training after which the reference ratio moves
+    options: dict[str, Any] = field(default_factory=dict)  # options of a rule that has no key above
 
 
 @dataclass
@@ -175,16 +176,14 @@ def validate(cfg: RunConfig) -> None:
         if abs(sum(d.proportions) - 1) > 1e-3:
             raise ConfigError(f"config key 'data.proportions' sums to {sum(d.proportions):.6g}, not 1: "
                               "rescale the proportions")
-    if m.method not in ("constant", "sheared", "dro", "drpruning"):
-        raise ConfigError(f"config key 'mixing.method' is {m.method!r}: use constant, sheared, dro or drpruning")
-    if m.signal not in ("eval", "train"):
-        raise ConfigError(f"config key 'mixing.signal' is {m.signal!r}: use eval or train")
-    if not m.rho > 0:
-        raise ConfigError(f"config key 'mixing.rho' must be > 0, got {m.rho}")
-    if not 0 <= m.min_prob < 1:
-        raise ConfigError(f"config key 'mixing.min_prob' must be in [0, 1), got {m.min_prob}")
-    if not 0 < m.ema <= 1:
-        raise ConfigError(f"config key 'mixing.ema' must be in (0, 1], got {m.ema}")
+    from drpruning.mixing import check_options
+    from drpruning.mixing.base import check_common
+
+    try:
+        check_common(m)
+        check_options(m)
+    except ValueError as e:
+        raise ConfigError(str(e) if "config key" in str(e) else f"config key 'mixing': {e}") from None
     ref = m.reference
     if isinstance(ref, str):
         if ref not in ("source", "scaling_law"):

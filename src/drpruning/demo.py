@@ -13,10 +13,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from drpruning.config import load_config
-from drpruning.trainer import train
+from drpruning.paths import default_task_dir
+from drpruning.training.trainer import train
 
 log = logging.getLogger(__name__)
-SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"
 DEMO_TASKS = ["arc_easy", "piqa", "copa"]
 
 
@@ -34,11 +34,12 @@ def _stage(config: str, run_dir: Path, overrides: list[str]) -> Path:
 def _downstream(model_dir: Path, run_dir: Path, limit: int) -> None:
     """Multiple-choice accuracy on a few ../shared/eval tasks, when that folder exists."""
     out = run_dir / "downstream.json"
-    if out.is_file() or not SHARED_EVAL.is_dir():
+    task_dir = default_task_dir()
+    if out.is_file() or not task_dir.is_dir():
         return
     from drpruning.evaluation import evaluate_model
 
-    results = evaluate_model(str(model_dir), data={}, tasks=DEMO_TASKS, limit=limit, task_dir=str(SHARED_EVAL))
+    results = evaluate_model(str(model_dir), data={}, tasks=DEMO_TASKS, limit=limit, task_dir=str(task_dir))
     out.write_text(json.dumps(results.get("tasks", {}), indent=2) + "\n")
 
 
@@ -64,7 +65,7 @@ def run_demo(out: Path, quick: bool = False) -> Path:
 
 def _source_run(out: Path) -> None:
     """The source model's row in the report: its held-out losses are the pruning run's step-0 evaluation."""
-    from drpruning.metrics import MetricsLog, read_metrics
+    from drpruning.training.metrics import MetricsLog, read_metrics
 
     folder = out / "source"
     folder.mkdir(parents=True, exist_ok=True)

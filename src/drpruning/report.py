@@ -18,7 +18,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig renders with Agg and touches no global state
 
-from drpruning.metrics import read_metrics
+from drpruning.training.metrics import read_metrics
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")

@@ -16,25 +16,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "helpers"))
+from runs import make_domains  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 ASSET = HERE / "assets" / "tiny_llama_cpu.json"
-TEXTS = {"alpha": "the cat sat on the mat. ", "beta": "0123456789+-*/= ", "gamma": "def f(x): return x\n"}
-
-
-def _domains(root: Path) -> dict[str, str]:
-    out = {}
-    for name, text in TEXTS.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        with open(folder / "docs.jsonl", "w") as f:
-            for i in range(40):
-                f.write(json.dumps({"text": f"{name} {i} " + text * (8 + i % 5)}) + "\n")
-        out[name] = str(folder)
-    return out
-
-
 def _common(root: Path, domains: dict[str, str]) -> list[str]:
     return [
         "data.domains={" + ", ".join(f"{k}: '{v}'" for k, v in domains.items()) + "}",
@@ -63,7 +49,7 @@ def run(root: Path) -> dict:
     torch.set_num_threads(1)  # a fixed reduction order
     try:
         model = save_tiny(root / "model", "llama")
-        common = _common(root, _domains(root / "data"))
+        common = _common(root, make_domains(root / "data", n_docs=40))
         prune = ["prune", f"run_dir={root / 'prune'}", f"model.source={model}", "train.steps=20",
                  "pruning.target.num_hidden_layers=2", "pruning.target.hidden_size=24",
                  "pruning.target.intermediate_size=32", "pruning.target.num_attention_heads=2",

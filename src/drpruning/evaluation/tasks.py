@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from drpruning.paths import default_task_dir
+
 SHAPES = {
     "choice": ("query", "choices", "gold"),
     "winogrande": ("context_options", "continuation", "gold"),
@@ -35,14 +37,6 @@ FEWSHOT_SEED = 1234
 class TaskError(ValueError):
     """A task that cannot be found or read; the message says what to give instead."""
 
-
-def default_task_dir() -> Path:
-    """../shared/eval next to the repository (running from a checkout) or next to the working directory."""
-    repo = Path(__file__).resolve().parents[3]
-    for candidate in (repo.parent / "shared" / "eval", Path.cwd().parent / "shared" / "eval"):
-        if candidate.is_dir():
-            return candidate
-    return Path.cwd().parent / "shared" / "eval"
 
 
 def available_tasks(task_dir: str | Path | None = None) -> list[str]:

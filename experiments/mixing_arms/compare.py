@@ -1,0 +1,417 @@
+"""Issue 7: compare the four mixing arms (constant, sheared, dro, drpruning) for prune -> continued pretraining.
+
+For each setting (mono: 7 RedPajama domains; multi: 8 languages), each seed and each arm, this prunes the default
+SmolLM2-135M to a fixed shape (experiments/mixing_arms/configs/prune.yaml), continues pretraining the pruned model with
+the same arm (cpt.yaml), then evaluates the continued model on downstream multiple-choice tasks and, for the
+multilingual setting, the shifted UD-PUD sentences (bits per character). Per-domain held-out perplexity after
+pruning and after continued pretraining come from the continued-pretraining run's first and last evaluations.
+
+    .venv/bin/python experiments/mixing_arms/compare.py run    # all runs, resumable (finished stages are skipped)
+    .venv/bin/python experiments/mixing_arms/compare.py write  # tables into experiments/mixing_arms/README.md
+                                               # (between its markers) and images/*.png, from runs/compare
+
+`run` is meant to be started in the background:
+
+    nohup nice -n 10 .venv/bin/python experiments/mixing_arms/compare.py run > runs/compare/run.log 2>&1 &
+
+An interrupted run is resumed by starting the same command again: a stage whose RUN_DIR/model exists is
+skipped, a stage with checkpoints continues from the last one (resume=true), an evaluation whose eval.json
+exists is skipped. Runs go seed by seed (seed 0 of every setting and arm first), so a partial benchmark still
+covers every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CONFIGS = HERE / "configs"
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / "runs" / "compare"
+
+SETTINGS = {"mono": "mono.yaml", "multi": "multi.yaml"}
+ARMS = {
+    # the paper's initial proportions throughout
+    "constant": ["mixing.method=constant"],
+    # Sheared-LLaMA dynamic batch loading, references = the source model's per-domain losses
+    "sheared": ["mixing.method=sheared", "mixing.reference=source"],
+    # chi-square DRO around the fixed initial ratio, references = the source model's losses
+    "dro": ["mixing.method=dro", "mixing.reference=source", "mixing.dynamic_ratio=false"],
+    # DRPruning: DRO + scaling-law references + moving reference ratio
+    "drpruning": ["mixing.method=drpruning"],
+}
+SEEDS = [0, 1]
+TASKS = ["arc_easy", "piqa", "copa"]
+TASK_LIMIT = 50  # items per task
+UD_PUD = {"en": "en.txt", "ru": "ru.txt", "zh": "zh.txt", "ja": "ja-gsd.txt", "ar": "ar.txt", "tr": "tr.txt",
+          "ko": "ko.txt", "th": "th.txt"}
+UD_SEQ_LEN = 128
+UD_SEQUENCES = 4  # sequences of UD_SEQ_LEN tokens per language
+
+log = logging.getLogger("compare")
+
+
+# ------------------------------------------------------------------------------------------------ running
+def others_busy(seconds: float = 2.0) -> float:
+    """CPU cores used by other processes over a short window (from /proc/stat minus this process)."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = os.times()
+        return sum(fields) - fields[3] - fields[4], own.user + own.system
+    tick = os.sysconf("SC_CLK_TCK")
+    (busy0, own0), t0 = sample(), time.monotonic()
+    time.sleep(seconds)
+    (busy1, own1), t1 = sample(), time.monotonic()
+    return max(0.0, (busy1 - busy0) / tick - (own1 - own0)) / (t1 - t0)
+
+
+def set_threads() -> None:
+    """Two threads on a quiet machine; one when other jobs keep a core busy. Two 2-thread processes on this
+    2-core machine slow each other down ~10x (OpenMP threads wait on each other); it does not change results
+    beyond floating-point summation order."""
+    import torch
+
+    fixed = int(os.environ.get("COMPARE_THREADS", "0"))  # set it to keep a core free for other work
+    n = fixed or (1 if others_busy() > 0.5 else min(2, os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    log.info("torch threads: %d", n)
+
+
+def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Path:
+    """One `train` run from the merged stage + setting configs; skipped when RUN_DIR/model exists."""
+    from omegaconf import OmegaConf
+
+    from drpruning.config import load_config
+    from drpruning.training.trainer import train
+
+    model_dir = run_dir / "model"
+    if (model_dir / "config.json").is_file():
+        log.info("%s: done, skipping", run_dir)
+        return model_dir
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    merged = OmegaConf.merge(OmegaConf.load(CONFIGS / SETTINGS[setting]), OmegaConf.load(CONFIGS / config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "compare-input.yaml"
+    OmegaConf.save(merged, path)
+    cfg = load_config(path, [f"run_dir={run_dir}", f"resume={str(resume).lower()}", *overrides])
+    set_threads()
+    t0 = time.perf_counter()
+    log.info("%s: %s", run_dir, "resuming" if resume else "starting")
+    out = train(cfg)
+    (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1.6 GB each; the model is exported
+    return out
+
+
+def evaluate_final(model_dir: Path, setting: str, out: Path) -> None:
+    """Downstream accuracy (and UD-PUD bits per character for multi) of a model, into out (JSON)."""
+    if out.is_file():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning.evaluation import evaluate
+
+    set_threads()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = {lang: SHARED / "data" / "ud-pud" / f for lang, f in UD_PUD.items()} if setting == "multi" else None
+    results = evaluate(model, tokenizer, data=data, tasks=TASKS, seq_len=UD_SEQ_LEN, max_sequences=UD_SEQUENCES,
+                       limit=TASK_LIMIT, batch_size=16, task_dir=SHARED / "eval", dtype=torch.bfloat16,
+                       progress=False)
+    results["model"] = str(model_dir)
+    results["wall_s"] = time.perf_counter() - t0
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log.info("%s: evaluated in %.0f s", out, results["wall_s"])
+
+
+def run(args) -> None:
+    from drpruning.models import fetch_model
+
+    os.chdir(ROOT)  # the setting configs name ../shared relative to the repository root
+    source = fetch_model("smollm2-135m")
+    for seed in args.seeds:
+        for setting in args.settings:
+            evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json")
+            for arm in args.arms:
+                base = OUT / setting / arm / f"seed{seed}"
+                if (base / "eval.json").is_file():
+                    continue
+                if not acquire(base):
+                    log.info("%s: another compare.py process is on it, skipping", base)
+                    continue
+                try:
+                    common = [f"train.seed={seed}", *ARMS[arm]]
+                    pruned = stage("prune.yaml", setting, base / "prune", [f"model.source={source}", *common])
+                    cont = stage("cpt.yaml", setting, base / "cpt", [f"model.source={pruned}", *common])
+                    evaluate_final(cont, setting, base / "eval.json")
+                finally:
+                    (base / "owner.pid").unlink(missing_ok=True)
+    log.info("done: every (setting, arm, seed) of this process is finished or owned by another process")
+
+
+def acquire(base: Path) -> bool:
+    """Own one (setting, arm, seed) triple, so that several processes can share the work list."""
+    mkdir(base)
+    path = base / "owner.pid"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text().strip() or 0)
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                return False  # a live process owns it
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            pass  # its owner died: take it over
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    return True
+
+
+def mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evals(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("kind") == "eval"]
+
+
+def collect(setting: str, arm: str, seed: int) -> dict | None:
+    """The numbers of one finished (prune, cpt, eval) triple, or None when any part is missing."""
+    base = OUT / setting / arm / f"seed{seed}"
+    prune, cpt = read_metrics(base / "prune" / "metrics.jsonl"), read_metrics(base / "cpt" / "metrics.jsonl")
+    if not (base / "eval.json").is_file() or not any(r.get("kind") == "final" for r in cpt):
+        return None
+    ev = json.loads((base / "eval.json").read_text())
+    after_prune, after_cpt = evals(cpt)[0], evals(cpt)[-1]
+    return {"source": evals(prune)[0]["eval_loss"], "pruned": after_prune["eval_loss"],
+            "cpt": after_cpt["eval_loss"], "eval": ev, "prune_records": prune, "cpt_records": cpt,
+            "wall_s": [float((base / s / "wall_s.txt").read_text()) if (base / s / "wall_s.txt").is_file()
+                       else math.nan for s in ("prune", "cpt")] + [ev.get("wall_s", math.nan)]}
+
+
+def summary(losses: dict[str, float]) -> dict[str, float]:
+    v = list(losses.values())
+    worst = max(losses, key=losses.get)
+    return {"mean": statistics.fmean(v), "worst": losses[worst], "worst_domain": worst,
+            "spread": statistics.pstdev(v), "range": max(v) - min(v)}
+
+
+def pm(values: list[float], digits: int = 3) -> str:
+    """mean +- half the range over seeds (for two seeds: mean +- half their difference)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def plots(setting: str, results: dict[str, dict[int, dict]], out_dir: Path) -> list[Path]:
+    """Proportions over time and per-domain eval loss curves (prune then CPT steps), seed 0 (or first)."""
+    from matplotlib.figure import Figure
+
+    arms = [a for a in ARMS if results.get(a)]
+    if not arms:
+        return []
+    paths = []
+    for kind in ("proportions", "losses"):
+        fig = Figure(figsize=(12, 3.2))
+        for i, arm in enumerate(arms):
+            seed = min(results[arm])
+            r = results[arm][seed]
+            ax = fig.add_subplot(1, len(arms), i + 1)
+            n_prune = max(x["step"] for x in r["prune_records"] if "step" in x)
+            if kind == "proportions":
+                recs = [(x["step"], x["proportions"]) for x in r["prune_records"]
+                        if x.get("kind") == "train" and x.get("proportions")]
+                recs += [(n_prune + x["step"], x["proportions"]) for x in r["cpt_records"]
+                         if x.get("kind") == "train" and x.get("proportions")]
+                names = list(recs[0][1])
+                ax.stackplot([s for s, _ in recs], [[p[n] for _, p in recs] for n in names], labels=names,
+                             step="post")
+                ax.set(ylim=(0, 1), ylabel="proportion" if i == 0 else None)
+            else:
+                recs = [(x["step"], x["eval_loss"]) for x in evals(r["prune_records"])]
+                recs += [(n_prune + x["step"], x["eval_loss"]) for x in evals(r["cpt_records"])]
+                names = list(recs[0][1])
+                for n in names:
+                    ax.plot([s for s, _ in recs], [e[n] for _, e in recs], label=n, linewidth=1)
+                ax.set(ylabel="held-out loss (nats/token)" if i == 0 else None, yscale="log")
+            ax.axvline(n_prune, color="k", linewidth=0.6, linestyle="--")
+            ax.set_title(f"{arm} (seed {seed})", fontsize=9)
+            ax.set_xlabel("step (prune | CPT)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == len(arms) - 1:
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        path = out_dir / f"{setting}-{kind}.png"
+        fig.savefig(path, dpi=70)
+        paths.append(path)
+    return paths
+
+
+def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
+    arms = [a for a in ARMS if results.get(a)]
+    if not arms:
+        return "No finished run yet.\n"
+    parts = []
+    names = list(next(iter(results[arms[0]].values()))["cpt"])
+    # headline: mean / worst / spread after pruning and after CPT
+    rows = []
+    src = summary(next(iter(results[arms[0]].values()))["source"])
+    rows.append(["source (SmolLM2-135M)", "-", f"{src['mean']:.3f}", f"{src['worst']:.3f} ({src['worst_domain']})",
+                 f"{src['spread']:.3f}", "", "", ""])
+    for arm in arms:
+        seeds = sorted(results[arm])
+        s_p = [summary(results[arm][s]["pruned"]) for s in seeds]
+        s_c = [summary(results[arm][s]["cpt"]) for s in seeds]
+        worst_names = sorted({x["worst_domain"] for x in s_c})
+        rows.append([arm, ",".join(map(str, seeds)),
+                     pm([x["mean"] for x in s_p]), pm([x["worst"] for x in s_p]), pm([x["spread"] for x in s_p]),
+                     pm([x["mean"] for x in s_c]), pm([x["worst"] for x in s_c]) + f" ({'/'.join(worst_names)})",
+                     pm([x["spread"] for x in s_c])])
+    parts.append("Held-out loss (nats/token; perplexity = exp) over the domains: mean, worst domain, spread "
+                 "(population standard deviation across domains). Mean ± half the range over seeds.\n")
+    parts.append(md_table(["arm", "seeds", "pruned: mean", "pruned: worst", "pruned: spread", "CPT: mean",
+                           "CPT: worst (domain)", "CPT: spread"], rows))
+    # per-domain perplexity
+    for label, key in (("after pruning", "pruned"), ("after continued pretraining", "cpt")):
+        rows = [["source", "-"] + [f"{math.exp(src_l):.1f}" for src_l in
+                              next(iter(results[arms[0]].values()))["source"].values()]]
+        for arm in arms:
+            seeds = sorted(results[arm])
+            rows.append([arm, ",".join(map(str, seeds))]
+                        + [pm([math.exp(results[arm][s][key][n]) for s in seeds], 1) for n in names])
+        parts.append(f"\nPer-domain held-out perplexity {label} (source row: the unpruned model):\n")
+        parts.append(md_table(["arm", "seeds"] + names, rows))
+    # downstream
+    src_eval = json.loads((OUT / setting / "source" / "eval.json").read_text()) \
+        if (OUT / setting / "source" / "eval.json").is_file() else None
+    rows = []
+    if src_eval:
+        rows.append(["source", "-"] + [f"{src_eval['tasks'][t]['acc']:.3f}" for t in TASKS]
+                    + [f"{statistics.fmean(src_eval['tasks'][t]['acc'] for t in TASKS):.3f}"])
+    for arm in arms:
+        seeds = sorted(results[arm])
+        accs = {t: [results[arm][s]["eval"]["tasks"][t]["acc"] for s in seeds] for t in TASKS}
+        avg = [statistics.fmean(results[arm][s]["eval"]["tasks"][t]["acc"] for t in TASKS) for s in seeds]
+        rows.append([arm, ",".join(map(str, seeds))] + [pm(accs[t]) for t in TASKS] + [pm(avg)])
+    n_items = {t: (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]["n"] for t in TASKS}
+    parts.append("\nDownstream accuracy after continued pretraining (zero-shot, acc; items per task: "
+                 + ", ".join(f"{t} {n_items[t]}" for t in TASKS) + "; chance: arc_easy 0.25, piqa 0.5, copa 0.5):\n")
+    parts.append(md_table(["arm", "seeds"] + TASKS + ["average"], rows))
+    if setting == "multi":
+        rows = []
+        langs = list(UD_PUD)
+        if src_eval:
+            d = src_eval["perplexity"]["domains"]
+            rows.append(["source", "-"] + [f"{d[lang]['bpc']:.3f}" for lang in langs]
+                        + [f"{statistics.fmean(d[x]['bpc'] for x in langs):.3f}",
+                           f"{max(d[x]['bpc'] for x in langs):.3f}"])
+        for arm in arms:
+            seeds = sorted(results[arm])
+            per = {lang: [results[arm][s]["eval"]["perplexity"]["domains"][lang]["bpc"] for s in seeds]
+                   for lang in langs}
+            mean = [statistics.fmean(results[arm][s]["eval"]["perplexity"]["domains"][x]["bpc"] for x in langs)
+                    for s in seeds]
+            worst = [max(results[arm][s]["eval"]["perplexity"]["domains"][x]["bpc"] for x in langs) for s in seeds]
+            rows.append([arm, ",".join(map(str, seeds))] + [pm(per[lang]) for lang in langs] + [pm(mean), pm(worst)])
+        parts.append(f"\nShifted set UD-PUD (news/Wikipedia sentences; ja: UD-GSD), bits per character after "
+                     f"continued pretraining ({UD_SEQUENCES} sequences of {UD_SEQ_LEN} tokens per language):\n")
+        parts.append(md_table(["arm", "seeds"] + langs + ["mean", "worst"], rows))
+    # final proportions
+    rows = []
+    for arm in arms:
+        seed = min(results[arm])
+        r = results[arm][seed]
+        last_p = [x for x in r["prune_records"] if x.get("kind") == "mix"][-2:-1] or \
+            [x for x in r["prune_records"] if x.get("kind") == "mix"]
+        last_c = [x for x in r["cpt_records"] if x.get("kind") == "mix"][-2:-1] or \
+            [x for x in r["cpt_records"] if x.get("kind") == "mix"]
+        for label, rec, recs in (("prune", last_p, r["prune_records"]), ("CPT", last_c, r["cpt_records"])):
+            mixes = [x for x in recs if x.get("kind") == "mix"]
+            fits = sum(1 for x in mixes if any(f is not None for f in (x.get("fits") or {}).values()))
+            if rec:
+                rows.append([arm, label, " ".join(f"{w:.3f}" for w in rec[0]["weights"].values()),
+                             f"{fits} of {len(mixes)}"])
+    parts.append(f"\nProportions in use for the last step of each stage (seed {min(SEEDS)}; domains in order "
+                 f"{', '.join(names)}) and the number of mixing updates with a fitted scaling law:\n")
+    parts.append(md_table(["arm", "stage", "proportions", "updates with a fit"], rows))
+    return "\n".join(parts) + "\n"
+
+
+def write(args) -> None:
+    out_dir = mkdir(HERE / "images")
+    text = []
+    status = []
+    for setting in SETTINGS:
+        results: dict[str, dict[int, dict]] = {}
+        for arm in ARMS:
+            for seed in SEEDS:
+                r = collect(setting, arm, seed)
+                status.append(f"{setting}/{arm}/seed{seed}: {'finished' if r else 'NOT finished'}"
+                              + (f" (wall s: prune {r['wall_s'][0]:.0f}, CPT {r['wall_s'][1]:.0f}, "
+                                 f"eval {r['wall_s'][2]:.0f})" if r else ""))
+                if r:
+                    results.setdefault(arm, {})[seed] = r
+        text.append(f"### {setting}\n\n" + setting_tables(setting, results))
+        for p in plots(setting, results, out_dir):
+            text.append(f"![{p.stem}](images/{p.name})\n")
+    tables = "\n".join(text) + "\nRun status:\n\n" + "\n".join(f"- {s}" for s in status) + "\n"
+    (OUT / "tables.md").write_text(tables)
+    doc = HERE / "README.md"
+    begin, end = "<!-- compare.py write: begin -->", "<!-- compare.py write: end -->"
+    if doc.is_file() and begin in doc.read_text() and end in doc.read_text():
+        head, rest = doc.read_text().split(begin, 1)
+        doc.write_text(head + begin + "\n\n" + tables + "\n" + end + rest.split(end, 1)[1])
+        print(f"tables written into {doc}")
+    print(tables)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the benchmark into runs/compare")
+    r.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    r.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    sub.add_parser("write", help="tables (runs/compare/tables.md, pasted into the README) and "
+                                 "images/*.png from the finished runs")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    run(args) if args.cmd == "run" else write(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The one next-token loss, used by the training step, the held-out evaluation and `drpruning eval`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every predicted token, [batch, seq_len - 1], in float32."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` (e.g. bf16 compute over float32 weights); off for None or float32."""
+    enabled = dtype is not None and dtype != torch.float32
+    return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)

@@ -1,0 +1,36 @@
+"""Hard-concrete (L0) gates: sampling, P(z > 0), the deterministic values used at evaluation and export
+(docs/method.md §2.2-2.3). Pure functions of `log_alpha`, no state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LIMIT_L, LIMIT_R, TEMPERATURE, EPS = -0.1, 1.1, 2.0 / 3.0, 1e-6
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100.0)
+SOFT_SCALE = 0.8  # deterministic value sigmoid(0.8 log_alpha / T), as in the authors' code
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z > 0) of the stretched hard-concrete variable."""
+    return torch.sigmoid(log_alpha - TEMPERATURE * math.log(-LIMIT_L / LIMIT_R))
+
+
+def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One reparameterised sample z in [0, 1] with the shape of log_alpha (differentiable in log_alpha)."""
+    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
+    u = u * (1 - 2 * EPS) + EPS
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
+    return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
+
+
+def soft_values(log_alpha: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(log_alpha * SOFT_SCALE / TEMPERATURE)
+
+
+def topk_mask(soft: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """`soft` with the k smallest entries of each row (last dim) set to 0; survivors keep their value."""
+    k = torch.as_tensor(k, device=soft.device).expand(soft.shape[:-1])
+    ranks = soft.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)  # 0 = smallest in its row
+    return torch.where(ranks >= k.unsqueeze(-1), soft, torch.zeros_like(soft))

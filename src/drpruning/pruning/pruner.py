@@ -1,0 +1,298 @@
+"""The Pruner: hard-concrete masks and Lagrange multipliers for one model, their expected size and the
+Lagrangian penalty (docs/method.md §2). The maths of one gate is in `hard_concrete`; putting the masks on a
+model is `masked_model.attach`, so this module knows no model, only its config.
+
+Structures and their `log_alpha` shapes (rows = all leading dimensions, units = the last one):
+  layer        [L]            one gate per decoder block (attention and MLP branch)
+  head         [L, H_kv]      head_mode kv_group: one gate per KV group, expanded to its G query heads
+               [L, H_kv, G]   head_mode query: one gate per query head, the same count kept in every group
+  intermediate [L, F]
+  hidden       [d]            shared by every layer
+
+What the training loop calls: `optimizer_groups()` once; per step `average_grads()` (the masks live outside
+DDP/FSDP), `penalty(step)`, and `after_step()` once the optimisers stepped; `train()` / `eval(exact)` around
+evaluations; `rng_state()` / `load_rng_state()` with checkpoints. Masks descend with the loss; the
+multipliers lambda1 / lambda2 *ascend* (a per-group `maximize=True`: torch optimisers reject a negative lr).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from drpruning.config import PruningConfig, warmup_steps
+from drpruning.models.families import family_of
+from drpruning.models.shape import Shape, resolve_target, source_shape
+from drpruning.pruning.hard_concrete import (
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    prob_nonzero,
+    sample_hard_concrete,
+    soft_values,
+    topk_mask,
+)
+
+STRUCTURES = ("layer", "head", "intermediate", "hidden")
+INIT_SEED = 1234  # a fixed-seed CPU generator draws the initial log-alphas: every rank starts the same
+
+
+class Pruner(nn.Module):
+    """Masks and multipliers for a model with `config`, on `device`.
+
+    `train()` samples fresh masks every forward; `eval()` uses deterministic masks at the current expected
+    size, `eval(exact=True)` at the exact target size (what export keeps).
+    """
+
+    def __init__(self, config: Any, cfg: PruningConfig, total_steps: int,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        family_of(config)
+        self.cfg = cfg
+        self.source: Shape = source_shape(config)
+        self.structures = tuple(s for s in STRUCTURES if s in cfg.structures)
+        self.target: Shape = resolve_target(config, cfg)
+        self.head_mode = cfg.head_mode
+        self.warmup = warmup_steps(cfg, total_steps)
+        self.exact = False
+        self._seed = 0
+        self._generator: torch.Generator | None = None
+        src = self.source
+        shapes = {
+            "layer": (src.num_hidden_layers,),
+            "head": (
+                (src.num_hidden_layers, src.num_key_value_heads)
+                if self.head_mode == "kv_group"
+                else (src.num_hidden_layers, src.num_key_value_heads, src.group_size)
+            ),
+            "intermediate": (src.num_hidden_layers, src.intermediate_size),
+            "hidden": (src.hidden_size,),
+        }
+        device = torch.device(device or "cpu")
+        init = torch.Generator().manual_seed(INIT_SEED)
+        self.log_alpha = nn.ParameterDict(
+            {
+                s: nn.Parameter(
+                    (torch.randn(shapes[s], generator=init) * cfg.init_log_alpha_std + cfg.init_log_alpha).to(device)
+                )
+                for s in self.structures
+            }
+        )
+        self.lambda1 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
+        self.lambda2 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
+
+    # ---- sizes -----------------------------------------------------------------------------------
+    def unit_count(self, structure: str) -> tuple[int, int]:
+        """(source units per row, target units per row) of a structure."""
+        s, t = self.source, self.target
+        return {
+            "layer": (s.num_hidden_layers, t.num_hidden_layers),
+            "head": (
+                (s.num_key_value_heads, t.num_key_value_heads)
+                if self.head_mode == "kv_group"
+                else (s.group_size, t.group_size)
+            ),
+            "intermediate": (s.intermediate_size, t.intermediate_size),
+            "hidden": (s.hidden_size, t.hidden_size),
+        }[structure]
+
+    def target_sparsity(self, structure: str, step: int | None = None) -> float:
+        size, kept = self.unit_count(structure)
+        final = 1.0 - kept / size
+        if step is None or self.warmup <= 0:
+            return final
+        return final * min(1.0, step / self.warmup)
+
+    # ---- parameters, optimisation ----------------------------------------------------------------
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return list(self.log_alpha.values())
+
+    def lagrangian_parameters(self) -> list[nn.Parameter]:
+        return list(self.lambda1.values()) + list(self.lambda2.values())
+
+    def optimizer_groups(self, mask_lr: float | None = None, lagrangian_lr: float | None = None) -> list[dict]:
+        """Param groups for torch Adam/AdamW: masks descend, multipliers ascend (`maximize=True`)."""
+        return [
+            {
+                "params": self.mask_parameters(),
+                "lr": self.cfg.mask_lr if mask_lr is None else mask_lr,
+                "weight_decay": 0.0,
+            },
+            {
+                "params": self.lagrangian_parameters(),
+                "weight_decay": 0.0,
+                "maximize": True,
+                "lr": self.cfg.lagrangian_lr if lagrangian_lr is None else lagrangian_lr,
+            },
+        ]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep log_alpha in [ln 0.01, ln 100]."""
+        for p in self.log_alpha.values():
+            p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def after_step(self) -> None:
+        """Call after every optimiser step."""
+        self.clamp_()
+
+    def average_grads(self) -> None:
+        """Average the masks' gradients over ranks (they live outside DDP/FSDP); a no-op in one process."""
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return
+        for q in self.mask_parameters():
+            if q.grad is not None:
+                tdist.all_reduce(q.grad, op=tdist.ReduceOp.SUM)
+                q.grad.div_(tdist.get_world_size())
+
+    def seed(self, seed: int) -> None:
+        """Seed the sampling generator (use a different seed per rank)."""
+        self._seed = int(seed)
+        self._generator = None
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generator
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The sampling generator on the masks' device (save / restore its state to resume exactly)."""
+        return self._gen(next(iter(self.log_alpha.values())).device)
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_rng_state(self, states: list[torch.Tensor], rank: int, fresh_seed: int) -> None:
+        """This rank's saved sampling state; with more ranks than when saved, a fresh seed instead."""
+        if rank < len(states):
+            self.generator.set_state(states[rank])
+        else:
+            self.generator.manual_seed(fresh_seed)
+
+    def train(self, mode: bool = True) -> Pruner:
+        self.exact = False
+        return super().train(mode)
+
+    def eval(self, exact: bool = False) -> Pruner:
+        super().train(False)
+        self.exact = exact
+        return self
+
+    # ---- masks -----------------------------------------------------------------------------------
+    def probabilities(self) -> dict[str, torch.Tensor]:
+        return {s: prob_nonzero(a) for s, a in self.log_alpha.items()}
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """A fresh training sample of every structure's mask."""
+        return {s: sample_hard_concrete(a, self._gen(a.device)) for s, a in self.log_alpha.items()}
+
+    @torch.no_grad()
+    def deterministic_masks(self, exact: bool = False) -> dict[str, torch.Tensor]:
+        """Soft values, the k smallest of each row zeroed: k = size - target (exact) or round(sum(1 - P))."""
+        out = {}
+        for s, a in self.log_alpha.items():
+            size, kept = self.unit_count(s)
+            k = size - kept if exact else torch.round((1 - prob_nonzero(a)).sum(-1)).long()
+            out[s] = topk_mask(soft_values(a), k)
+        return out
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The masks the next forward uses: sampled when training, deterministic otherwise."""
+        return self.sample() if self.training else self.deterministic_masks(self.exact)
+
+    # ---- expectations and penalty ----------------------------------------------------------------
+    def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """E[#parameters of attention + MLP weights], factorised (method.md §2); differentiable."""
+        p = self.probabilities() if probs is None else probs
+        src = self.source
+        dev = next(iter(self.log_alpha.values())).device
+        L, hd, g = src.num_hidden_layers, src.head_dim, src.group_size
+        hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(src.hidden_size), device=dev)
+        layer = p["layer"] if "layer" in p else torch.ones(L, device=dev)
+        if self.head_mode == "kv_group":
+            groups = p["head"].sum(-1) if "head" in p else torch.full((L,), float(src.num_key_value_heads), device=dev)
+            attn = 2 * hd * (g + 1) * groups  # q and o: G heads per group; k and v: one head
+        else:
+            heads = (
+                p["head"].sum((-1, -2)) if "head" in p else torch.full((L,), float(src.num_attention_heads), device=dev)
+            )
+            attn = 2 * hd * heads + 2 * hd * src.num_key_value_heads  # every KV head stays
+        ffn = (
+            p["intermediate"].sum(-1)
+            if "intermediate" in p
+            else torch.full((L,), float(src.intermediate_size), device=dev)
+        )
+        return hidden * (layer * (attn + 3 * ffn)).sum()
+
+    def _params_of(self, shape: Shape) -> float:
+        kv = shape.num_key_value_heads * 2 * shape.head_dim
+        return float(
+            shape.hidden_size
+            * shape.num_hidden_layers
+            * (2 * shape.head_dim * shape.num_attention_heads + kv + 3 * shape.intermediate_size)
+        )
+
+    def source_params(self) -> float:
+        return self._params_of(self.source)
+
+    @torch.no_grad()
+    def expected_sparsity(self) -> float:
+        """Expected parameter sparsity 1 - E[N] / N_source of the prunable (attention + MLP) weights."""
+        return float(1.0 - self.expected_params() / self.source_params())
+
+    def final_sparsity(self) -> float:
+        """Parameter sparsity of the target shape, same count as expected_sparsity."""
+        return 1.0 - self._params_of(self.target) / self.source_params()
+
+    def structure_sparsity(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Expected sparsity of each row of each structure: 1 - sum(P) / size."""
+        p = self.probabilities() if probs is None else probs
+        return {s: 1.0 - p[s].sum(-1) / p[s].shape[-1] for s in self.structures}
+
+    def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
+        """Sum over structures of mean_rows(lambda1 (s - t) + lambda2 (s - t)^2) and a log record."""
+        probs = self.probabilities()
+        sparsity = self.structure_sparsity(probs)
+        total = torch.zeros((), device=next(iter(self.log_alpha.values())).device)
+        log: dict[str, Any] = {"expected_sparsity": {}, "target_sparsity": {}, "lambda1": {}, "lambda2": {}}
+        for s in self.structures:
+            t = self.target_sparsity(s, step)
+            gap = sparsity[s] - t
+            total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
+            log["expected_sparsity"][s] = float(sparsity[s].detach().mean())
+            log["target_sparsity"][s] = t
+            log["lambda1"][s] = float(self.lambda1[s].detach())
+            log["lambda2"][s] = float(self.lambda2[s].detach())
+        log["expected_params"] = float(self.expected_params(probs).detach())
+        return total, log
+
+    @torch.no_grad()
+    def shape_summary(self) -> dict[str, Any]:
+        """The current expected architecture (units kept by the evaluation masks) and the target."""
+        masks = self.deterministic_masks(exact=False)
+        src = self.source
+        kept = {s: (m != 0).sum(-1) for s, m in masks.items()}
+        layers = int(kept["layer"]) if "layer" in kept else src.num_hidden_layers
+        if "head" in kept:
+            per_layer = kept["head"] if self.head_mode == "kv_group" else kept["head"].sum(-1)
+            heads_per_layer = [int(h) * (src.group_size if self.head_mode == "kv_group" else 1) for h in per_layer]
+        else:
+            heads_per_layer = [src.num_attention_heads] * src.num_hidden_layers
+        ffn_per_layer = (
+            [int(f) for f in kept["intermediate"]]
+            if "intermediate" in kept
+            else [src.intermediate_size] * src.num_hidden_layers
+        )
+        return {
+            "num_hidden_layers": layers,
+            "hidden_size": int(kept["hidden"]) if "hidden" in kept else src.hidden_size,
+            "num_attention_heads": round(sum(heads_per_layer) / len(heads_per_layer)),
+            "intermediate_size": round(sum(ffn_per_layer) / len(ffn_per_layer)),
+            "heads_per_layer": heads_per_layer,
+            "intermediate_per_layer": ffn_per_layer,
+            "expected_params": float(self.expected_params()),
+            "target": self.target.as_dict(),
+        }

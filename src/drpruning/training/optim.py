@@ -1,0 +1,39 @@
+"""Optimisers and learning-rate schedules, by name: `weights` (AdamW over the model) and, when pruning,
+`masks` (AdamW over the masks, descending, and the Lagrange multipliers, ascending).
+
+Separate optimisers keep the weights' state shardable (FSDP) apart from the small, replicated pruning state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from drpruning.config import TrainConfig
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def build_optimizers(model: torch.nn.Module, pruner: torch.nn.Module | None,
+                     t: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    betas = tuple(t.betas)
+    weights = [q for q in model.parameters() if q.requires_grad]
+    out = {"weights": torch.optim.AdamW(weights, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)}
+    if pruner is not None:
+        out["masks"] = torch.optim.AdamW(pruner.optimizer_groups(), betas=betas, eps=t.eps, weight_decay=0.0)
+    return out
+
+
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer],
+                     t: TrainConfig) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+    """The weights' warmup + cosine schedule, applied to every optimiser (masks included, as in the paper)."""
+    warmup = round(t.warmup_fraction * t.steps)
+    return {name: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio))
+            for name, o in optimizers.items()}

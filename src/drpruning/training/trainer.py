@@ -1,0 +1,318 @@
+"""The training loop, in plain PyTorch: continued pretraining, or pruning when `pruning.enabled`.
+
+Read top to bottom: set-up (cheap checks, then model, data, pruner, mixer, sampler, optimisers), then
+`run()`: evaluate the source model, then steps of sample -> forward/backward with per-domain loss accounting
+-> optimiser step, with an evaluation and a mixing update every `eval_every` steps and an atomic checkpoint
+every `checkpoint_every` steps, then the model (compact, when pruning) in RUN_DIR/model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drpruning.config import ConfigError, RunConfig, save_config
+from drpruning.data import MixtureSampler, check_sources, initial_proportions, load_corpus
+from drpruning.evaluation.perplexity import domain_nll
+from drpruning.loss import autocast, token_nll
+from drpruning.mixing import build_mixer
+from drpruning.models.loading import load_model, load_model_config, model_max_length
+from drpruning.models.shape import source_shape
+from drpruning.pruning import Pruner, attach, export_model
+from drpruning.training import checkpoint as ckpt
+from drpruning.training import distributed as dist
+from drpruning.training import parallel
+from drpruning.training.cpu_memory import keep_freed_memory
+from drpruning.training.metrics import MetricsLog, progress
+from drpruning.training.optim import build_optimizers, build_schedulers
+
+log = logging.getLogger(__name__)
+RESUME_SEED_STRIDE = 7919  # a rank without a saved mask-sampling state gets a seed distinct per resume step
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16  # about twice as fast as float32 on recent x86 CPUs
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = dist.init()
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.main = dist.is_main()
+        self.run_dir = Path(cfg.run_dir)
+        t = cfg.train
+        # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
+        model_config, _, _ = load_model_config(cfg.model.source)
+        if cfg.data.seq_len > model_max_length(model_config):
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
+                              f"{model_max_length(model_config)} tokens; lower data.seq_len")
+        if cfg.pruning.enabled:
+            from drpruning.models.shape import resolve_target
+
+            resolve_target(model_config, cfg.pruning)
+        per_step = t.micro_batch_size * dist.world()
+        if t.batch_size % per_step:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x ranks "
+                              f"= {per_step}; change train.batch_size or train.micro_batch_size")
+        if not cfg.resume and ckpt.Checkpointer(self.run_dir).steps():
+            raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints: pass resume=true to continue "
+                              "that run, or choose a new run_dir")
+        sources = check_sources(cfg.data.domains)
+
+        seed_everything(t.seed)
+        # weights are trained in model.dtype (auto: float32 master weights) and saved in the source's dtype
+        self.model, self.tokenizer = load_model(cfg.model.source, dtype=cfg.model.dtype)
+        self.save_dtype = _as_torch_dtype(getattr(model_config, "dtype", None))
+        self.model.to(self.device)
+        self.model.config.use_cache = False
+        self.corpus = load_corpus(cfg.data, self.tokenizer, sources)
+        self.names = self.corpus.names
+        self.initial = initial_proportions(cfg.data, self.names, self.corpus.train_tokens)
+        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+
+        self.pruner = None
+        if cfg.pruning.enabled:
+            self.pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
+            self.pruner.seed(t.seed * 1000 + dist.rank())
+            attach(self.model, self.pruner)
+        final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
+        self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
+        self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
+        self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device) if dist.world() > 1 \
+            else self.model
+        self.optimizers = build_optimizers(self.train_model, self.pruner, t)
+        self.schedulers = build_schedulers(self.optimizers, t)
+        self.step = 0
+        self.domain_tokens = [0] * len(self.names)
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, exact: bool = False) -> list[float]:
+        """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
+        if self.pruner is not None:
+            self.pruner.eval(exact=exact)
+        sums, counts = domain_nll(self.model, self.corpus.eval, self.cfg.train.eval_batch_size, self.amp_dtype,
+                                  shard=(dist.rank(), dist.world()), collective=parallel.is_fsdp(self.model))
+        if self.pruner is not None:
+            self.pruner.train()
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(counts)
+        return (sums / counts).tolist()
+
+    def log_eval(self, losses: list[float]) -> None:
+        worst = int(np.argmax(losses))
+        self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens),
+                           eval_loss=dict(zip(self.names, losses)),
+                           eval_ppl={n: math.exp(x) for n, x in zip(self.names, losses)},
+                           mean_loss=float(np.mean(losses)), worst_loss=losses[worst],
+                           worst_domain=self.names[worst])
+
+    def evaluate_and_mix(self, last: bool) -> list[float]:
+        losses = self.evaluate(exact=last)
+        self.log_eval(losses)
+        if self.main:
+            sparsity = self.pruner.expected_sparsity() if self.pruner is not None else None
+            record = self.mixer.update(self.step, losses, list(self.domain_tokens), sparsity)
+            self.metrics.write("mix", step=self.step, **record)
+        proportions = dist.broadcast_floats(self.mixer.proportions)
+        if not self.main:
+            self.mixer.proportions = proportions
+        return losses
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        k, seq_len = len(self.names), self.cfg.data.seq_len
+        proportions = list(self.mixer.proportions)
+        batch = self.sampler.next_batch(proportions, t.batch_size)
+        for d, _ in batch:
+            self.domain_tokens[d] += seq_len
+        local = batch[dist.rank()::dist.world()]
+        n_global = t.batch_size * (seq_len - 1)
+        # per-domain sums stay on the device: NCCL reduces device tensors only, and no host sync per micro-batch
+        sums = torch.zeros(k, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(k, dtype=torch.float64, device=self.device)
+        micro = [local[i:i + t.micro_batch_size] for i in range(0, len(local), t.micro_batch_size)]
+        for j, chunk in enumerate(micro):
+            ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
+            domains = torch.tensor([d for d, _ in chunk], device=self.device)
+            with _maybe_no_sync(self.train_model, sync=j == len(micro) - 1):
+                with autocast(self.device, self.amp_dtype):
+                    nll = token_nll(self.train_model, ids)
+                seq_sums = nll.sum(dim=1)
+                # DDP averages gradients over ranks, so each rank's share is scaled by the world size
+                (seq_sums.sum() / n_global * dist.world()).backward()
+            sums.index_add_(0, domains, seq_sums.detach().double())
+            counts.index_add_(0, domains, torch.full((len(chunk),), float(seq_len - 1), dtype=torch.float64,
+                                                     device=self.device))
+        record: dict = {}
+        if self.pruner is not None:
+            self.pruner.average_grads()
+            penalty, prune_log = self.pruner.penalty(self.step)
+            penalty.backward()
+            record.update(lagrangian=float(penalty.detach()), **prune_log)
+        weights = self.optimizers["weights"]
+        torch.nn.utils.clip_grad_norm_(weights.param_groups[0]["params"], t.grad_clip)
+        lr = weights.param_groups[0]["lr"]
+        for name, optimizer in self.optimizers.items():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.schedulers[name].step()
+        if self.pruner is not None:
+            self.pruner.after_step()
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(counts)
+        domain_loss = (sums / counts).tolist()  # nan for a domain absent from the batch
+        loss = float(sums.sum() / counts.sum())
+        self.mixer.observe_train(domain_loss)
+        if self.pruner is not None:
+            record["lm_loss"] = loss
+        record.update(step=self.step + 1, tokens=sum(self.domain_tokens), lr=lr, loss=loss,
+                      domain_loss=dict(zip(self.names, domain_loss)),
+                      domain_tokens=dict(zip(self.names, self.domain_tokens)),
+                      proportions=dict(zip(self.names, proportions)))
+        return record
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        rngs = None
+        if self.pruner is not None:
+            parallel.check_replicated(list(self.pruner.parameters()), "pruning masks and multipliers")
+            # each rank samples masks with its own generator: keep every rank's state for an exact resume
+            rngs = parallel.gather_objects(self.pruner.rng_state())
+        state = {"step": self.step, "domain_tokens": self.domain_tokens,
+                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(), "pruner_rng": rngs}
+
+        def write(folder: Path) -> None:
+            ckpt.write_state(folder, self.model, self.optimizers, state, self.pruner, self.main)
+
+        if parallel.is_fsdp(self.model):  # every rank writes its shards (DCP); rank 0 seals the folder
+            self.checkpointer.save_collective(self.step, write, self.main, dist.barrier)
+            return
+        if self.main:
+            self.checkpointer.save(self.step, write)
+        dist.barrier()
+
+    def load_checkpoint(self, folder: Path) -> int:
+        state = ckpt.read_state(folder)
+        saved = state["optimizers"]
+        ckpt.read_weights(folder, self.model, self.optimizers["weights"], saved.get("weights"), str(self.device))
+        if self.pruner is not None:
+            ckpt.read_pruner(folder, self.pruner, str(self.device))
+            rngs = state["pruner_rng"]
+            fresh = self.cfg.train.seed * 1000 + dist.rank() + RESUME_SEED_STRIDE * int(state["step"])
+            self.pruner.load_rng_state(rngs if isinstance(rngs, list) else [rngs], dist.rank(), fresh)
+            self.optimizers["masks"].load_state_dict(saved["masks"])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.sampler.load_state_dict(state["sampler"])
+        self.mixer.load_state_dict(state["mixer"])
+        self.domain_tokens = list(state["domain_tokens"])
+        ckpt.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> Path:
+        t = self.cfg.train
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            export = sum(q.numel() for q in self.model.parameters()) * (
+                torch.finfo(self.save_dtype).bits // 8 if self.save_dtype is not None else 4)
+            ckpt.check_disk_space(self.run_dir, ckpt.checkpoint_bytes(self.model, self.pruner), t.keep_checkpoints,
+                                  export)
+        resumed = self.checkpointer.load_latest(self.load_checkpoint) if self.cfg.resume else None
+        if resumed is not None:
+            self.step = resumed[0]
+            self.metrics.truncate_after(self.step)
+            log.info("resumed from %s", self.checkpointer.path(self.step))
+        else:
+            if self.main and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            losses = self.evaluate()  # the source model: reference losses and the starting point
+            self.log_eval(losses)
+            self.mixer.start(losses)
+        bar = progress(t.steps, self.step, self.main, "prune" if self.pruner is not None else "train")
+        start = time.perf_counter()
+        while self.step < t.steps:
+            record = self.train_step()
+            self.step += 1
+            record["elapsed_s"] = time.perf_counter() - start
+            last = self.step == t.steps
+            if self.step % t.log_every == 0 or last:
+                self.metrics.write("train", **record)
+            postfix = {"loss": f"{record['loss']:.3f}"}
+            if self.step % t.eval_every == 0 or last:
+                postfix["worst"] = f"{max(self.evaluate_and_mix(last)):.3f}"
+            if self.pruner is not None:
+                postfix["params"] = f"{record['expected_params'] / 1e6:.1f}M"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if self.step % t.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> Path:
+        out = self.run_dir / "model"
+        # FSDP: gather the full weights (collective) into a plain model on rank 0 for export
+        model = parallel.unsharded_model(self.model) if parallel.is_fsdp(self.model) else self.model
+        if self.main:
+            if self.pruner is not None:
+                export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
+                shape = self.pruner.target
+            else:
+                model.to(self.save_dtype or next(model.parameters()).dtype).save_pretrained(out)
+                self.tokenizer.save_pretrained(out)
+                shape = source_shape(self.model.config)
+            keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size")
+            self.metrics.write("final", step=self.step, model_dir=str(out),
+                               shape={key: getattr(shape, key) for key in keys})
+        dist.barrier()
+        return out
+
+
+def _as_torch_dtype(value) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value, None) if isinstance(value, str) else None
+
+
+class _maybe_no_sync:
+    """DDP's no_sync for all but the last micro-batch; a no-op for a plain module."""
+
+    def __init__(self, model: torch.nn.Module, sync: bool):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+def train(cfg: RunConfig) -> Path:
+    return dist.run_or_abort(lambda: Trainer(cfg).run())

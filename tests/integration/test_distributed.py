@@ -1,0 +1,198 @@
+"""Data parallel training under torchrun (2 CPU processes, gloo) against an independent 1-process run.
+
+Same global batch, float32: per-step losses, evaluations, mixing decisions, masks and weights must agree with
+the single process; FSDP checkpoints resume in 2 processes and in 1; a failing rank ends the job.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+from runs import overrides, strip
+from safetensors.torch import load_file
+from tiny_models import save_tiny
+
+from drpruning.config import load_config
+from drpruning.training.metrics import read_metrics
+from drpruning.training.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+LAUNCH_TIMEOUT = 150  # seconds for one 2-process run; a hang fails the test instead of blocking CI
+TARGET = "{num_hidden_layers: 2, num_key_value_heads: 1, intermediate_size: 24, hidden_size: 16}"
+COMMON = {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2, "mixing.method": "drpruning",
+          "train.dtype": "float32"}
+PRUNE = {**COMMON, "pruning.enabled": "true", "pruning.target": TARGET, "pruning.lagrangian_warmup_steps": 1}
+
+# Under torchrun: each rank samples hard-concrete masks from its own seed (seed * 1000 + rank), a different
+# stochastic estimate than one process drawing one sample per step. Giving every rank rank 0's seed makes the
+# 2-process run the same computation as 1 process with micro_batch_size = batch_size (one sample per step).
+# FAIL_AT makes one rank raise (the failure test).
+WRAPPER = """
+import os, sys
+from drpruning.training import distributed
+from drpruning.pruning.pruner import Pruner
+from drpruning.training.trainer import Trainer
+
+seed = Pruner.seed
+Pruner.seed = lambda self, s: seed(self, s - distributed.rank())
+fail_at = int(os.environ.get("FAIL_AT", "0"))
+if fail_at:
+    step = Trainer.train_step
+    def failing(self):
+        if self.step == fail_at and distributed.rank() == 1:
+            raise RuntimeError("injected failure")
+        return step(self)
+    Trainer.train_step = failing
+from drpruning.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("model") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """Tied input/output embeddings: one parameter under two names (safetensors keeps one of them)."""
+    return save_tiny(tmp_path_factory.mktemp("model") / "tied", "tied")
+
+
+def torchrun(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """2 CPU processes on this machine (rendezvous on a free local port), bounded by a timeout."""
+    script = tmp_path / "wrapper.py"
+    script.write_text(WRAPPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [str(script) if a == "WRAPPER" else a for a in cmd]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+
+def run_one(items: list[str]) -> Path:
+    return Trainer(load_config(None, items)).run()
+
+
+def assert_records_match(got: list[dict], expected: list[dict], rel: float = 1e-5) -> None:
+    """Same records, same keys, same integers/strings; floats within `rel` (relative)."""
+    assert [r["kind"] for r in got] == [r["kind"] for r in expected]
+
+    def same(a, b, where):
+        if isinstance(b, dict):
+            assert isinstance(a, dict) and a.keys() == b.keys(), where
+            for k in b:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(b, list):
+            assert isinstance(a, list) and len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif isinstance(b, float) and not isinstance(b, bool):
+            assert a == pytest.approx(b, rel=rel, abs=1e-7), where
+        else:
+            assert a == b, where
+
+    for i, (a, b) in enumerate(zip(strip(got), strip(expected))):
+        same(a, b, f"record {i} ({b['kind']})")
+
+
+def assert_weights_match(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def resume_copy(run: Path, dest: Path, drop_step: int) -> Path:
+    """A copy of a finished run as if it had died after the previous checkpoint."""
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "checkpoints" / f"step-{drop_step}")
+    shutil.rmtree(dest / "model")
+    return dest
+
+
+def test_ddp_matches_one_process_and_resumes_in_one(tmp_path, tied_dir):
+    one = overrides(tmp_path / "one", tied_dir, **COMMON)
+    run_one(one)
+    expected = read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")
+
+    two = overrides(tmp_path / "two", tied_dir, **COMMON, parallel="ddp")
+    proc = torchrun(["-m", "drpruning", "train", *two], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "two" / "run"
+    got = read_metrics(run / "metrics.jsonl")
+    assert_records_match(got, expected)  # rank 0 alone logs: no duplicated records either
+    # the dynamic mixer moved the proportions, so rank 1 used rank 0's broadcast decisions
+    train = [r for r in got if r["kind"] == "train"]
+    assert train[-1]["proportions"] != train[0]["proportions"]
+    final = tmp_path / "one" / "run" / "model" / "model.safetensors"
+    assert_weights_match(run / "model" / "model.safetensors", final)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (run / "checkpoints" / "step-4" / "model.safetensors").is_file()  # rank 0's full weights
+
+    # the DDP checkpoint at step 2 continues in one process to the same end
+    again = resume_copy(run, tmp_path / "again", drop_step=4)
+    run_one([*two, f"run_dir={again}", "resume=true"])
+    assert_records_match(read_metrics(again / "metrics.jsonl"), expected)
+    assert_weights_match(again / "model" / "model.safetensors", final)
+    # ... and under FSDP: full weights and index-keyed optimiser state are sharded on load
+    sharded = resume_copy(run, tmp_path / "sharded", drop_step=4)
+    proc = torchrun(["-m", "drpruning", "train", *two, f"run_dir={sharded}", "resume=true", "parallel=fsdp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_records_match(read_metrics(sharded / "metrics.jsonl"), expected)
+    assert_weights_match(sharded / "model" / "model.safetensors", final)
+
+
+def test_fsdp_pruning_matches_one_process_and_resumes_with_another_world_size(tmp_path, model_dir):
+    # one process, one mask sample per step (see WRAPPER)
+    one = overrides(tmp_path / "one", model_dir, **PRUNE, **{"train.micro_batch_size": 4})
+    run_one(one)
+    ref = tmp_path / "one" / "run"
+    expected = read_metrics(ref / "metrics.jsonl")
+
+    two = overrides(tmp_path / "two", model_dir, **PRUNE, parallel="fsdp")
+    proc = torchrun(["WRAPPER", "prune", *two], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "two" / "run"
+    assert_records_match(read_metrics(run / "metrics.jsonl"), expected)
+    step4 = run / "checkpoints" / "step-4"
+    names = {p.name for p in step4.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "state.pt", "pruner.safetensors"} <= names
+    assert "model.safetensors" not in names  # sharded, not gathered
+    # masks and multipliers, and the exported compact model (gathered on rank 0)
+    assert_weights_match(step4 / "pruner.safetensors", ref / "checkpoints" / "step-4" / "pruner.safetensors")
+    assert_weights_match(run / "model" / "model.safetensors", ref / "model" / "model.safetensors")
+
+    # resume the sharded step-2 checkpoint with FSDP on 2 ranks ...
+    again = resume_copy(run, tmp_path / "again", drop_step=4)
+    proc = torchrun(["WRAPPER", "prune", *two, f"run_dir={again}", "resume=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_records_match(read_metrics(again / "metrics.jsonl"), expected)
+    assert_weights_match(again / "model" / "model.safetensors", ref / "model" / "model.safetensors")
+    # ... and in one process (DCP reshards the 2 ranks' shards into full tensors)
+    single = resume_copy(run, tmp_path / "single", drop_step=4)
+    run_one([*one, f"run_dir={single}", "resume=true"])
+    assert_records_match(read_metrics(single / "metrics.jsonl"), expected)
+    assert_weights_match(single / "model" / "model.safetensors", ref / "model" / "model.safetensors")
+
+
+def test_failing_rank_ends_the_job_with_a_message(tmp_path, model_dir):
+    items = overrides(tmp_path, model_dir, **{**COMMON, "train.steps": 6})
+    start = time.monotonic()
+    proc = torchrun(["WRAPPER", "train", *items], tmp_path, FAIL_AT="2")
+    assert proc.returncode != 0
+    assert "drpruning: rank 1 of 2 failed: RuntimeError: injected failure" in proc.stderr
+    # rank 0 fails too (its peer vanished mid-collective) but waits, so torchrun names rank 1 as the cause
+    assert "injected failure" in proc.stderr.split("Root Cause")[-1]
+    # rank 0 was waiting in a collective: torchrun stopped it, long before the process-group timeout
+    assert time.monotonic() - start < LAUNCH_TIMEOUT
+    assert not (tmp_path / "run" / "model").exists()

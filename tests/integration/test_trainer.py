@@ -1,0 +1,116 @@
+"""The training loop: per-domain loss accounting, run directory, exact resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from runs import overrides, strip
+from tiny_models import save_tiny
+from transformers import AutoModelForCausalLM
+
+from drpruning.config import ConfigError, load_config
+from drpruning.data.sampler import MixtureSampler
+from drpruning.training.metrics import read_metrics
+from drpruning.training.trainer import Trainer
+
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return save_tiny(tmp_path / "model", "llama")
+
+
+def test_per_domain_losses_match_direct_computation(tmp_path, model_dir):
+    trainer = Trainer(load_config(None, overrides(tmp_path, model_dir)))
+    # what the sampler will draw, replayed from its state
+    replay = MixtureSampler([len(x) for x in trainer.corpus.train], seed=0)
+    replay.load_state_dict(trainer.sampler.state_dict())
+    batch = replay.next_batch(trainer.mixer.proportions, 4)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = {}
+    with torch.no_grad():
+        for d, i in batch:
+            ids = trainer.corpus.train[d][i][None]
+            # Hugging Face's own mean next-token loss of one sequence
+            loss = reference(input_ids=ids, labels=ids).loss.item()
+            expected.setdefault(d, []).append(loss)
+    record = trainer.train_step()
+    for d, name in enumerate(trainer.names):
+        got = record["domain_loss"][name]
+        if d in expected:
+            assert got == pytest.approx(sum(expected[d]) / len(expected[d]), rel=1e-5)
+        else:
+            assert got != got  # nan: absent from the batch
+    every = [x for v in expected.values() for x in v]
+    assert record["loss"] == pytest.approx(sum(every) / len(every), rel=1e-5)
+    assert sum(record["domain_tokens"].values()) == 4 * 32
+
+
+def test_run_directory_layout(tmp_path, model_dir):
+    out = Trainer(load_config(None, overrides(tmp_path, model_dir))).run()
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    records = read_metrics(run / "metrics.jsonl")
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("train") == 6 and kinds.count("eval") == 4 and kinds.count("mix") == 3
+    assert kinds[-1] == "final"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3
+    train = [r for r in records if r["kind"] == "train"]
+    assert set(train[0]["domain_loss"]) == {"alpha", "beta", "gamma"}
+    assert train[-1]["tokens"] == 6 * 4 * 32
+
+
+def test_existing_run_without_resume_is_refused(tmp_path, model_dir):
+    Trainer(load_config(None, overrides(tmp_path, model_dir, **{"train.steps": 2}))).run()
+    with pytest.raises(ConfigError, match="resume=true"):
+        Trainer(load_config(None, overrides(tmp_path / "again", model_dir, run_dir=str(tmp_path / "run"))))
+
+
+def test_sequence_longer_than_context_is_refused(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match="context"):
+        Trainer(load_config(None, overrides(tmp_path, model_dir, **{"data.seq_len": 4096})))
+
+
+KILLER = """
+import os, signal, sys
+from drpruning.config import load_config
+from drpruning.training.trainer import Trainer
+
+kill_at = int(sys.argv[1])
+original = Trainer.save_checkpoint
+
+def save_then_die(self):
+    original(self)
+    if self.step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer.save_checkpoint = save_then_die
+Trainer(load_config(None, sys.argv[2:])).run()
+"""
+
+
+@pytest.mark.parametrize("method", ["constant", "drpruning"])
+def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method):
+    common = {"train.steps": 8, "mixing.method": method, "train.dtype": "bfloat16"}
+    whole = overrides(tmp_path / "a", model_dir, **common)
+    Trainer(load_config(None, whole)).run()
+    expected = strip(read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"))
+
+    broken = overrides(tmp_path / "b", model_dir, **common)
+    env = {**os.environ, "PYTHONPATH": str(HELPERS)}
+    proc = subprocess.run([sys.executable, "-c", KILLER, "6", *broken], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_b = tmp_path / "b" / "run"
+    assert not (run_b / "model").exists()
+    # the newest checkpoint is damaged too: resume must refuse it and use step 4
+    victim = run_b / "checkpoints" / "step-6" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    Trainer(load_config(None, broken + ["resume=true"])).run()
+    assert strip(read_metrics(run_b / "metrics.jsonl")) == expected

@@ -1,0 +1,57 @@
+from collections import Counter
+
+import pytest
+
+from drpruning.data.sampler import MixtureSampler
+
+
+def test_empirical_frequencies_follow_proportions():
+    s = MixtureSampler([500, 500, 500], seed=1)
+    p = [0.6, 0.3, 0.1]
+    counts = Counter(d for _ in range(200) for d, _ in s.next_batch(p, 16))
+    n = 200 * 16
+    for d in range(3):
+        # binomial standard deviation is at most sqrt(0.25 / 3200) ~ 0.009; 4 sigma
+        assert abs(counts[d] / n - p[d]) < 0.036
+
+
+def test_proportions_can_change_every_step():
+    s = MixtureSampler([100, 100], seed=0)
+    assert {d for d, _ in s.next_batch([1.0, 0.0], 8)} == {0}
+    assert {d for d, _ in s.next_batch([0.0, 1.0], 8)} == {1}
+
+
+def test_no_reuse_until_exhausted_then_cycles(caplog):
+    s = MixtureSampler([10, 5], seed=0, names=["a", "b"])
+    first = [i for d, i in s.next_batch([0.0, 1.0], 5)]
+    assert sorted(first) == list(range(5))
+    with caplog.at_level("WARNING"):
+        again = [i for d, i in s.next_batch([0.0, 1.0], 5)]
+        s.next_batch([0.0, 1.0], 5)
+    assert sorted(again) == list(range(5))
+    assert sum("exhausted" in r.message for r in caplog.records) == 1
+
+
+def test_state_dict_resumes_exactly():
+    a = MixtureSampler([7, 9, 11], seed=3)
+    p = [0.2, 0.5, 0.3]
+    for _ in range(5):
+        a.next_batch(p, 4)
+    state = a.state_dict()
+    expected = [a.next_batch(p, 4) for _ in range(10)]
+    b = MixtureSampler([7, 9, 11], seed=3)
+    b.load_state_dict(state)
+    assert [b.next_batch(p, 4) for _ in range(10)] == expected
+
+
+def test_state_for_other_data_is_refused():
+    a = MixtureSampler([7, 9], seed=3)
+    with pytest.raises(ValueError, match="data changed"):
+        MixtureSampler([7, 8], seed=3).load_state_dict(a.state_dict())
+
+
+def test_shards_do_not_overlap():
+    s = MixtureSampler([50, 50], seed=0)
+    batch = s.next_batch([0.5, 0.5], 8)
+    shards = [batch[r::2] for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(batch) and not set(shards[0]) & set(shards[1])

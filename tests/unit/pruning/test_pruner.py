@@ -1,0 +1,246 @@
+"""Hard-concrete mask math against independent computations, the Lagrangian, and a short pruning run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from drpruning.config import ConfigError, PruningConfig
+from drpruning.pruning.masked_model import attach
+from drpruning.pruning.pruner import (
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    Pruner,
+    prob_nonzero,
+    sample_hard_concrete,
+)
+
+ALL = ["layer", "head", "intermediate", "hidden"]
+TARGET = {"num_hidden_layers": 2, "num_key_value_heads": 1, "intermediate_size": 24, "hidden_size": 16}
+QUERY_TARGET = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24, "hidden_size": 16}
+
+
+def make(mode="kv_group", structures=ALL, steps=100, target=None, **kw):
+    model = tiny_model("llama")
+    target = target or (TARGET if mode == "kv_group" else QUERY_TARGET)
+    cfg = PruningConfig(enabled=True, target=target, head_mode=mode, structures=list(structures), **kw)
+    return model, Pruner(model.config, cfg, steps)
+
+
+def randomise(pruner, std=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pruner.log_alpha.values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_prob_nonzero_matches_monte_carlo():
+    la = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).repeat_interleave(40000).reshape(5, 40000)
+    z = sample_hard_concrete(la, torch.Generator().manual_seed(0))
+    frac = (z > 0).double().mean(1).numpy()
+    # independent closed form: P(s > -l / (r - l)) for s = sigmoid((logit(u) + a) / T)
+    a, T, l, r = np.array([-3.0, -1.0, 0.0, 1.0, 3.0]), 2 / 3, -0.1, 1.1
+    p = 1 / (1 + np.exp(-(a - T * np.log(-l / r))))
+    assert np.allclose(prob_nonzero(torch.tensor(a)).numpy(), p, atol=1e-6)
+    assert np.all(np.abs(frac - p) < 4 * np.sqrt(p * (1 - p) / 40000) + 1e-4)
+    assert 0 <= z.min() and z.max() <= 1 and (z == 0).any() and (z == 1).any()
+
+
+def test_deterministic_masks_exact_top_k():
+    _, pruner = make()
+    randomise(pruner)
+    masks = pruner.deterministic_masks(exact=True)
+    kept = {"layer": 2, "head": 1, "intermediate": 24, "hidden": 16}
+    for s, m in masks.items():
+        a = pruner.log_alpha[s].detach().numpy().reshape(-1, m.shape[-1])
+        soft = 1 / (1 + np.exp(-a * 0.8 / (2 / 3)))
+        mm = m.numpy().reshape(-1, m.shape[-1])
+        for row_soft, row in zip(soft, mm, strict=True):
+            top = np.sort(np.argsort(-row_soft)[: kept[s]])
+            assert np.array_equal(np.nonzero(row)[0], top)
+            assert np.allclose(row[top], row_soft[top], atol=1e-6)  # survivors keep their soft value
+
+
+def test_deterministic_masks_expected_size():
+    _, pruner = make(mode="query")
+    randomise(pruner, std=3.0, seed=1)
+    masks = pruner.deterministic_masks(exact=False)
+    for s, m in masks.items():
+        a = pruner.log_alpha[s].detach().double().numpy()
+        p = 1 / (1 + np.exp(-(a - (2 / 3) * np.log(0.1 / 1.1))))
+        k = np.round((1 - p).sum(-1))
+        assert np.array_equal((m.numpy() == 0).sum(-1), k)
+
+
+def test_expected_sparsity_per_structure_and_penalty():
+    _, pruner = make(lagrangian_warmup_steps=10)
+    randomise(pruner)
+    with torch.no_grad():
+        for i, s in enumerate(pruner.structures):
+            pruner.lambda1[s].fill_(0.5 + i)
+            pruner.lambda2[s].fill_(2.0 - i)
+    loss, log = pruner.penalty(step=5)
+    expected = 0.0
+    final = {"layer": 1 / 3, "head": 1 / 2, "intermediate": 1 / 2, "hidden": 1 / 2}
+    for i, s in enumerate(pruner.structures):
+        p = prob_nonzero(pruner.log_alpha[s].detach()).double().numpy()
+        sp = 1 - p.sum(-1) / p.shape[-1]
+        t = final[s] * 0.5  # half way through the warmup
+        expected += np.mean((0.5 + i) * (sp - t) + (2.0 - i) * (sp - t) ** 2)
+        assert log["expected_sparsity"][s] == pytest.approx(np.mean(sp), abs=1e-6)
+        assert log["target_sparsity"][s] == pytest.approx(t)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert pruner.penalty(step=50)[1]["target_sparsity"]["hidden"] == pytest.approx(0.5)
+    assert pruner.penalty(step=0)[1]["target_sparsity"]["hidden"] == 0.0
+
+
+def brute_force_params(model, masks: dict, mode: str) -> int:
+    """Count q/k/v/o/gate/up/down weight elements kept by 0/1 unit indicators by slicing the real weights."""
+    cfg = model.config
+    hd, g = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    dims = np.nonzero(masks["hidden"])[0]
+    n = 0
+    for i, layer in enumerate(model.model.layers):
+        if not masks["layer"][i]:
+            continue
+        a, m = layer.self_attn, layer.mlp
+        if mode == "kv_group":
+            groups = np.nonzero(masks["head"][i])[0]
+            heads = np.array([gr * g + j for gr in groups for j in range(g)], dtype=int)
+        else:
+            groups = np.arange(cfg.num_key_value_heads)
+            heads = np.nonzero(masks["head"][i].reshape(-1))[0]
+        q_rows = np.array([h * hd + d for h in heads for d in range(hd)], dtype=int)
+        kv_rows = np.array([h * hd + d for h in groups for d in range(hd)], dtype=int)
+        chans = np.nonzero(masks["intermediate"][i])[0]
+        w = lambda t, rows, cols: t.detach().numpy()[np.ix_(rows, cols)].size  # noqa: E731
+        n += w(a.q_proj.weight, q_rows, dims) + w(a.k_proj.weight, kv_rows, dims) + w(a.v_proj.weight, kv_rows, dims)
+        n += w(a.o_proj.weight, dims, q_rows)
+        n += w(m.gate_proj.weight, chans, dims) + w(m.up_proj.weight, chans, dims) + w(m.down_proj.weight, dims, chans)
+    return n
+
+
+@pytest.mark.parametrize("mode", ["kv_group", "query"])
+def test_expected_params_factorised_vs_brute_force(mode):
+    model, pruner = make(mode)
+    randomise(pruner, std=1.5, seed=2)
+    probs = {s: p.detach().double().numpy() for s, p in pruner.probabilities().items()}
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(600):
+        sample = {s: rng.random(p.shape) < p for s, p in probs.items()}
+        counts.append(brute_force_params(model, sample, mode))
+    mc, se = np.mean(counts), np.std(counts) / math.sqrt(len(counts))
+    expected = float(pruner.expected_params().detach())
+    assert abs(mc - expected) < 4 * se
+    # exact for 0/1 masks: the deterministic exact masks give the target shape's count
+    ind = {s: (m != 0).double() for s, m in pruner.deterministic_masks(exact=True).items()}
+    n_target = brute_force_params(model, {s: m.numpy() for s, m in ind.items()}, mode)
+    assert float(pruner.expected_params(ind)) == n_target
+    assert pruner.final_sparsity() == pytest.approx(
+        1 - n_target / brute_force_params(model, {s: np.ones(p.shape) for s, p in probs.items()}, mode)
+    )
+
+
+def test_expected_params_without_some_structures():
+    # only FFN pruned: attention counted in full
+    model, pruner = make(structures=["intermediate"], target={"intermediate_size": 24})
+    randomise(pruner)
+    p = prob_nonzero(pruner.log_alpha["intermediate"].detach()).double().numpy()
+    ones = {"layer": np.ones(3), "head": np.ones((3, 2)), "hidden": np.ones(32)}
+    full_attn = brute_force_params(model, {**ones, "intermediate": np.zeros((3, 48))}, "kv_group")
+    assert float(pruner.expected_params().detach()) == pytest.approx(full_attn + 3 * 32 * p.sum(), rel=1e-6)
+
+
+def test_clamp_and_lagrangian_ascent():
+    _, pruner = make()
+    randomise(pruner, std=10.0)
+    pruner.clamp_()
+    for p in pruner.mask_parameters():
+        assert p.min() >= LOG_ALPHA_MIN - 1e-6 and p.max() <= LOG_ALPHA_MAX + 1e-6
+    opt = torch.optim.AdamW(pruner.optimizer_groups(mask_lr=0.1, lagrangian_lr=0.1))
+    loss, log = pruner.penalty(step=1000)
+    loss.backward()
+    opt.step()
+    for s in pruner.structures:
+        gap = log["expected_sparsity"][s] - log["target_sparsity"][s]
+        # ascent: lambda1 follows the sign of the gap
+        assert np.sign(float(pruner.lambda1[s].detach())) == np.sign(gap)
+        assert float(pruner.lambda2[s].detach()) > 0  # the quadratic multiplier only grows
+
+
+def test_sampling_seeded_and_fresh():
+    _, a = make()
+    _, b = make()
+    a.seed(3)
+    b.seed(3)
+    sa, sb = a.sample(), b.sample()
+    assert all(torch.equal(sa[s], sb[s]) for s in sa)
+    again = a.sample()
+    assert not torch.equal(again["intermediate"], sa["intermediate"])
+    b.seed(4)
+    assert not torch.equal(b.sample()["intermediate"], again["intermediate"])
+    # resume: tensors in the state dict (safetensors-compatible), generator state beside them
+    state, rng = {k: v.clone() for k, v in a.state_dict().items()}, a.generator.get_state()
+    assert all(torch.is_tensor(v) for v in state.values())
+    _, c = make()
+    c.load_state_dict(state)
+    c.generator.set_state(rng)
+    assert torch.equal(c.sample()["intermediate"], a.sample()["intermediate"])
+
+
+def test_train_eval_switch():
+    _, pruner = make()
+    randomise(pruner)
+    pruner.train()
+    assert not torch.equal(pruner.masks()["hidden"], pruner.masks()["hidden"])
+    pruner.eval()
+    assert torch.equal(pruner.masks()["hidden"], pruner.deterministic_masks(exact=False)["hidden"])
+    pruner.eval(exact=True)
+    assert int((pruner.masks()["hidden"] != 0).sum()) == 16
+    pruner.train()
+    assert pruner.training and not pruner.exact
+
+
+@pytest.mark.parametrize("mode", ["kv_group", "query"])
+def test_short_pruning_run_reaches_target(mode):
+    """AdamW on weights and masks, ascent on the multipliers; the masks settle at the target shape."""
+    torch.manual_seed(0)
+    model, pruner = make(mode, steps=300, lagrangian_warmup_steps=100)
+    attach(model, pruner)
+    pruner.train()
+    pruner.seed(0)
+    model.train()
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.parameters(), "lr": 1e-3, "weight_decay": 0.0},
+            *pruner.optimizer_groups(mask_lr=0.1, lagrangian_lr=0.1),
+        ]
+    )
+    data = torch.randint(0, 128, (64, 17))
+    for step in range(300):
+        batch = data[torch.randint(0, 64, (8,))]
+        out = model(batch[:, :-1], labels=batch[:, 1:])
+        penalty, log = pruner.penalty(step)
+        (out.loss + penalty).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pruner.clamp_()
+    for s in pruner.structures:
+        assert abs(log["expected_sparsity"][s] - log["target_sparsity"][s]) < 0.02, (s, log)
+    summary = pruner.shape_summary()  # units kept by the evaluation masks, k = round(sum(1 - P))
+    target = pruner.target
+    assert summary["num_hidden_layers"] == target.num_hidden_layers
+    assert summary["hidden_size"] == target.hidden_size
+    assert summary["intermediate_per_layer"] == [target.intermediate_size] * 3
+    assert summary["heads_per_layer"] == [target.num_attention_heads] * 3
+    assert pruner.expected_sparsity() == pytest.approx(pruner.final_sparsity(), abs=0.02)
+
+
+def test_no_structure_is_an_error():
+    with pytest.raises(ConfigError, match="structures is empty"):
+        make(structures=[], target={})
