@@ -149,17 +149,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return cmd_train(args, pruning=True)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a user's mistake and its fix: one line and exit 2, no traceback. Anything else is a
+    bug and keeps its traceback."""
+    from drpruning.evaluation.tasks import TaskError
+    from drpruning.models import ModelSourceError
+    from drpruning.report import ReportError
+    from drpruning.training.checkpoint import CheckpointError
+    from drpruning.training.trainer import TrainingError
+
+    return ConfigError, ModelSourceError, TaskError, ReportError, CheckpointError, TrainingError
+
+
 def main(argv: list[str] | None = None) -> int:
     from drpruning.training import distributed
 
     args = build_parser().parse_args(argv)
     level = logging.INFO if distributed.rank_from_env() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from drpruning.models import ModelSourceError
-
     try:
         return args.func(args)
-    except (ConfigError, ModelSourceError) as e:
+    except user_errors() as e:
         print(f"drpruning: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     eval_batch_size: int = 8
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm before the run stops
 
 
 @dataclass
@@ -107,7 +109,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    resume: bool = False
+    resume: Any = False  # true: continue the run in run_dir (refused when it has no checkpoint); false: start;
+    # auto: continue when run_dir has a checkpoint, else start (for schedulers that restart jobs blindly)
+    force: bool = False  # export a model even when its held-out loss says the run diverged
     parallel: str = "ddp"  # ddp | fsdp (only under torchrun)
 
 
@@ -124,13 +128,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=20)")
+        for item in overrides:
+            try:
+                OmegaConf.from_dotlist([item])
+            except (yaml.YAMLError, OmegaConfBaseException) as e:
+                raise ConfigError(f"override {item!r} is not valid YAML after the '=' "
+                                  f"({str(e).splitlines()[0]}); quote or fix the value") from None
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*parts)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the file") from None
     except (ConfigKeyError, ValidationError) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", "")
         first = str(e).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {first}. "
                           "Check the spelling against docs/configuration.md") from None
+    except OmegaConfBaseException as e:  # e.g. a YAML file that is a list, not a mapping
+        raise ConfigError(f"config file {path}: {str(e).splitlines()[0]}; the file must map section "
+                          "names to settings (see docs/configuration.md)") from None
     if OmegaConf.is_missing(merged, "run_dir"):
         raise ConfigError("config key 'run_dir' is missing: set run_dir=PATH (the run's output folder)")
     cfg: RunConfig = OmegaConf.to_object(merged)
@@ -194,6 +212,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'mixing.reference' has {len(ref)} values for {k} domains")
     else:
         raise ConfigError("config key 'mixing.reference' must be source, scaling_law or a list of numbers")
+    if cfg.resume not in (True, False, "auto"):
+        raise ConfigError(f"config key 'resume' is {cfg.resume!r}: use true, false or auto")
+    if not (isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 1):
+        raise ConfigError(f"config key 'train.max_bad_steps' must be an integer >= 1, got {t.max_bad_steps!r}")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"config key 'parallel' is {cfg.parallel!r}: use ddp or fsdp")
     if p.enabled:

@@ -25,9 +25,8 @@ def _stage(config: str, run_dir: Path, overrides: list[str]) -> Path:
     if (model_dir / "config.json").is_file():
         log.info("%s: already done, skipping", run_dir)
         return model_dir
-    resume = (run_dir / "checkpoints").is_dir()
     path = files("drpruning.configs") / config
-    cfg = load_config(str(path), [f"run_dir={run_dir}", f"resume={str(resume).lower()}", *overrides])
+    cfg = load_config(str(path), [f"run_dir={run_dir}", "resume=auto", *overrides])
     return train(cfg)
 
 

@@ -17,3 +17,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to `dtype` (e.g. bf16 compute over float32 weights); off for None or float32."""
     enabled = dtype is not None and dtype != torch.float32
     return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16  # about twice as fast as float32 on recent x86 CPUs

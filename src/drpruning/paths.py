@@ -24,3 +24,18 @@ def shared_dir() -> Path:
 def default_task_dir() -> Path:
     """The downstream multiple-choice tasks: shared/eval."""
     return shared_dir() / "eval"
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the permissions the user's umask gives new files.
+
+    safetensors and temporary files are created 0600; on a shared cluster another account's evaluation job
+    could then not read an exported model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

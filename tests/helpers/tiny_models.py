@@ -9,6 +9,7 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
+    SmolLM3Config,
 )
 
 VOCAB = 128
@@ -52,7 +53,14 @@ def mistral_config(**kw) -> PretrainedConfig:
     return MistralConfig(**_common(sliding_window=64, **kw))
 
 
-CONFIGS = {"llama": llama_config, "tied": tied_config, "qwen2": qwen2_config, "mistral": mistral_config}
+def smollm3_config(**kw) -> PretrainedConfig:
+    # 4 layers: the last one has no rotary embedding (no_rope_layers [1, 1, 1, 0]), a per-layer list to slice
+    return SmolLM3Config(**_common(num_hidden_layers=4, **kw))
+
+
+# one tiny config per supported family (plus a tied-embedding Llama); tests parametrised over families use it
+CONFIGS = {"llama": llama_config, "tied": tied_config, "qwen2": qwen2_config, "mistral": mistral_config,
+           "smollm3": smollm3_config}
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **kw):

@@ -1,6 +1,8 @@
 """The training loop: per-domain loss accounting, run directory, exact resume after SIGKILL."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from drpruning.config import ConfigError, load_config
 from drpruning.data.sampler import MixtureSampler
+from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
 
@@ -114,3 +117,46 @@ def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method):
     victim.write_bytes(victim.read_bytes()[:100])
     Trainer(load_config(None, broken + ["resume=true"])).run()
     assert strip(read_metrics(run_b / "metrics.jsonl")) == expected
+
+
+def _as_format_1(folder: Path) -> None:
+    """Rewrite a checkpoint's state.pt as drpruning 0.1.0 wrote it (lists, proportions twice, no format key)."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    del state["format"]
+    names = ("weights", "masks")
+    state["optimizers"] = [state["optimizers"].get(n) for n in names if n in state["schedulers"]]
+    state["schedulers"] = [state["schedulers"][n] for n in names if n in state["schedulers"]]
+    state["proportions"] = state["mixer"]["proportions"]
+    torch.save(state, folder / "state.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = (folder / "state.pt").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("pruning", [False, True], ids=["train", "prune"])
+def test_run_directory_of_the_previous_format_resumes_exactly(tmp_path, model_dir, pruning):
+    extra = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2"] if pruning else []
+    common = {"mixing.method": "drpruning", "train.keep_checkpoints": 3}
+    Trainer(load_config(None, overrides(tmp_path / "a", model_dir, **common) + extra)).run()
+    expected = strip(read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"))
+    old = overrides(tmp_path / "b", model_dir, **common) + extra
+    Trainer(load_config(None, old)).run()
+    run = tmp_path / "b" / "run"
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    shutil.rmtree(run / "model")
+    _as_format_1(run / "checkpoints" / "step-4")
+    Trainer(load_config(None, old + ["resume=true"])).run()
+    assert strip(read_metrics(run / "metrics.jsonl")) == expected
+
+
+def test_checkpoint_of_an_unknown_format_is_refused_with_its_version(tmp_path, model_dir):
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 2})
+    Trainer(load_config(None, ov)).run()
+    folder = tmp_path / "run" / "checkpoints" / "step-2"
+    state = torch.load(folder / "state.pt", weights_only=True)
+    torch.save({**state, "format": 99}, folder / "state.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = (folder / "state.pt").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="checkpoint format 99.*start a new run_dir"):
+        Trainer(load_config(None, ov + ["resume=true"])).run()

@@ -22,7 +22,7 @@ from drpruning.config import ConfigError, DataConfig
 from drpruning.data.documents import check_source, read_documents
 from drpruning.data.documents import files as list_files
 from drpruning.data.packing import pack
-from drpruning.paths import cache_root
+from drpruning.paths import cache_root, follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from drpruning.paths import cache_root
+from drpruning.paths import cache_root, follow_umask
 
 VERSION = 1  # bump when the extraction changes, so caches are rebuilt
 DOMAINS = ("python-source", "docs", "licenses")
@@ -190,6 +190,7 @@ def materialize_embedded_corpus(out_dir: Path | None = None,
             manifest["domains"][name] = {"documents": len(docs),
                                          "utf8_bytes": sum(len(t.encode("utf-8")) for t in docs)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        follow_umask(tmp)  # mkdtemp made it 0700
         try:
             os.replace(tmp, out_dir)
         except OSError:

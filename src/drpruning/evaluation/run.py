@@ -16,16 +16,15 @@ from drpruning.evaluation.perplexity import domain_losses, summarize
 from drpruning.evaluation.tasks import evaluate_tasks
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A Hugging Face folder, or a run directory whose exported model is RUN_DIR/model."""
-    path = Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    raise FileNotFoundError(f"{path} is neither a Hugging Face model folder (no config.json) nor a run "
-                            "directory with an exported model (no model/config.json); run `drpruning export` "
-                            "on a pruning run first")
+def resolve_model_dir(source: str | Path) -> Path:
+    """The local Hugging Face folder of a model source (folder, run directory, known name, cached hub id)."""
+    from drpruning.models.loading import ModelSourceError, resolve_model_source
+
+    path, kwargs = resolve_model_source(str(source))
+    if kwargs or not (Path(path) / "config.json").is_file():
+        raise ModelSourceError(f"model {source!r} is not a local Hugging Face folder (a .gguf file or a hub id "
+                               "not in the local cache): convert it with save_pretrained, or pass a folder")
+    return Path(path)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, data: dict[str, str | Path] | None = None,
@@ -56,10 +55,12 @@ def evaluate_model(model_dir: str | Path, data: dict[str, str | Path] | None = N
                    limit: int | None = None, num_fewshot: int = 0, batch_size: int = 8,
                    lm_eval_tasks: list[str] | str | None = None, task_dir: str | Path | None = None,
                    device: str | None = None) -> dict:
-    """Load a model folder (or RUN_DIR/model) and evaluate it; lm-eval tasks run through the bridge."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model (any source `drpruning train` accepts: folder, run directory, .gguf, known name, hub id)
+    and evaluate it; lm-eval tasks run through the bridge, on a local folder."""
+    from drpruning.models.loading import load_model, resolve_model_source
 
-    model_dir = resolve_model_dir(model_dir)
+    source = str(model_dir)
+    path, _ = resolve_model_source(source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         from drpruning.training.cpu_memory import keep_freed_memory
@@ -67,18 +68,21 @@ def evaluate_model(model_dir: str | Path, data: dict[str, str | Path] | None = N
         keep_freed_memory()
     # bf16 weights on a GPU; float32 on CPU, where bf16 matmuls are slow and less exact
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    results: dict = {"model": str(model_dir)}
+    results: dict = {"model": path}
+    if data:  # bad data fails before the model loads
+        for name, where in data.items():
+            check_source(where, f"--data {name}")
     if data or tasks:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model, tokenizer = load_model(source, dtype=dtype)
+        model = model.to(device).eval()
         results |= evaluate(model, tokenizer, data, tasks, seq_len, max_sequences, limit, num_fewshot,
                             batch_size, task_dir)
         del model
     if lm_eval_tasks:
         from drpruning.evaluation.lm_eval_bridge import run_lm_eval
 
-        results["lm_eval"] = run_lm_eval(model_dir, lm_eval_tasks, limit, num_fewshot, batch_size, device,
-                                         task_dir)["results"]
+        results["lm_eval"] = run_lm_eval(resolve_model_dir(source), lm_eval_tasks, limit, num_fewshot,
+                                         batch_size, device, task_dir)["results"]
     return results
 
 

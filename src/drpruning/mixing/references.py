@@ -14,7 +14,7 @@ from drpruning.mixing.rules import check_losses
 from drpruning.mixing.scaling_law import ScalingLaw
 
 log = logging.getLogger(__name__)
-MIN_FIT_POINTS = 11  # the law is fitted with more than 10 points (method.md 5.4)
+MIN_FIT_POINTS = 11  # the law is fitted with more than 10 points (docs/method.md §5.4)
 MODES = ("source", "fixed", "scaling_law")
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-RATIO_EMA = 0.1  # weight of q in the moving reference ratio (method.md 5.5); not the training-loss `ema`
+RATIO_EMA = 0.1  # weight of q in the moving reference ratio (docs/method.md §5.5); not the training-loss `ema`
 
 
 def vector(name: str, values: Sequence[float], k: int | None = None) -> np.ndarray:

@@ -34,7 +34,8 @@ def _keep_window_layers(d: dict, kept: list[int]) -> None:
 
 @dataclass(frozen=True)
 class Family:
-    model_types: tuple[str, ...]
+    """A Llama-like architecture; the defaults are Llama's names. Registered under its `model_type`."""
+
     biases: Callable[[Any], tuple[bool, bool, bool]] = _attention_bias  # (q/k/v, o_proj, MLP) bias present
     # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim
     hidden_multiple_of_heads: bool = False
@@ -99,11 +100,12 @@ class Family:
             self.rewrite(d, kept_layers)
 
 
-LLAMA = Family(("llama",), hidden_multiple_of_heads=True)
+LLAMA = Family(hidden_multiple_of_heads=True)
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,  # SmolLM2, Llama 2 / 3
-    "qwen2": Family(("qwen2",), biases=_qwen2_bias, rewrite=_keep_window_layers),
-    "mistral": Family(("mistral",)),
+    "qwen2": Family(biases=_qwen2_bias, rewrite=_keep_window_layers),
+    "mistral": Family(),
+    "smollm3": Family(per_layer_lists=("layer_types", "no_rope_layers")),  # every 4th layer NoPE
 }
 SUPPORTED = tuple(FAMILIES)
 

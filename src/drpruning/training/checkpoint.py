@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from drpruning.paths import follow_umask
 from drpruning.training import parallel
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,14 @@ def checkpoint_bytes(model: torch.nn.Module, pruner: torch.nn.Module | None) -> 
     adam = 2 * sum(q.numel() * q.element_size() for q in model.parameters() if q.requires_grad)
     masks = sum(q.numel() * 4 * 3 for q in pruner.parameters()) if pruner is not None else 0
     return weights + adam + masks
+
+
+def check_room(run_dir: Path, model: torch.nn.Module, pruner: torch.nn.Module | None,
+               save_dtype: torch.dtype | None, keep: int) -> None:
+    """check_disk_space for this run's checkpoints and its export (in the source's dtype)."""
+    export = sum(q.numel() for q in model.parameters()) * (
+        torch.finfo(save_dtype).bits // 8 if save_dtype is not None else 4)
+    check_disk_space(run_dir, checkpoint_bytes(model, pruner), keep, export)
 
 
 class CheckpointFormatError(CheckpointError):
@@ -216,11 +225,13 @@ class Checkpointer:
         return self.path(step)
 
     def _finalise(self, step: int, tmp: Path) -> Path:
+        follow_umask(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+        follow_umask(tmp / MANIFEST)
         _fsync_dir(tmp)
         final = self.path(step)
         if final.exists():  # re-saving the same step (e.g. after resume): replace it

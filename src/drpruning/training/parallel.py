@@ -59,6 +59,19 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Modu
     raise ValueError(f"parallel={parallel!r}: use ddp or fsdp")
 
 
+class maybe_no_sync:
+    """DDP's no_sync for all but the last micro-batch (one gradient all-reduce per step); a no-op otherwise."""
+
+    def __init__(self, model: nn.Module, sync: bool):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
 def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

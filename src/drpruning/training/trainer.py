@@ -20,30 +20,23 @@ import torch
 from drpruning.config import ConfigError, RunConfig, save_config
 from drpruning.data import MixtureSampler, check_sources, initial_proportions, load_corpus
 from drpruning.evaluation.perplexity import domain_nll
-from drpruning.loss import autocast, token_nll
+from drpruning.loss import autocast, autocast_dtype, token_nll
 from drpruning.mixing import build_mixer
-from drpruning.models.loading import load_model, load_model_config, model_max_length
-from drpruning.models.shape import source_shape
+from drpruning.models.loading import load_model, load_model_config, model_max_length, source_dtype
+from drpruning.models.shape import SHAPE_KEYS, source_shape
+from drpruning.paths import follow_umask
 from drpruning.pruning import Pruner, attach, export_model
 from drpruning.training import checkpoint as ckpt
 from drpruning.training import distributed as dist
 from drpruning.training import parallel
 from drpruning.training.cpu_memory import keep_freed_memory
+from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_refusal
 from drpruning.training.metrics import MetricsLog, progress
 from drpruning.training.optim import build_optimizers, build_schedulers
 
 log = logging.getLogger(__name__)
+RANK_SEED_STRIDE = 1000  # mask sampling on rank r is seeded train.seed * 1000 + r
 RESUME_SEED_STRIDE = 7919  # a rank without a saved mask-sampling state gets a seed distinct per resume step
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16  # about twice as fast as float32 on recent x86 CPUs
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +75,7 @@ class Trainer:
         seed_everything(t.seed)
         # weights are trained in model.dtype (auto: float32 master weights) and saved in the source's dtype
         self.model, self.tokenizer = load_model(cfg.model.source, dtype=cfg.model.dtype)
-        self.save_dtype = _as_torch_dtype(getattr(model_config, "dtype", None))
+        self.save_dtype = source_dtype(model_config)
         self.model.to(self.device)
         self.model.config.use_cache = False
         self.corpus = load_corpus(cfg.data, self.tokenizer, sources)
@@ -93,7 +86,7 @@ class Trainer:
         self.pruner = None
         if cfg.pruning.enabled:
             self.pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
-            self.pruner.seed(t.seed * 1000 + dist.rank())
+            self.pruner.seed(t.seed * RANK_SEED_STRIDE + dist.rank())
             attach(self.model, self.pruner)
         final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
@@ -106,8 +99,8 @@ class Trainer:
         self.domain_tokens = [0] * len(self.names)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
 
-    # ---------------------------------------------------------------- evaluation
     def evaluate(self, exact: bool = False) -> list[float]:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
         if self.pruner is not None:
@@ -124,7 +117,7 @@ class Trainer:
         worst = int(np.argmax(losses))
         self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens),
                            eval_loss=dict(zip(self.names, losses)),
-                           eval_ppl={n: math.exp(x) for n, x in zip(self.names, losses)},
+                           eval_ppl={n: math.exp(min(x, 700.0)) for n, x in zip(self.names, losses)},
                            mean_loss=float(np.mean(losses)), worst_loss=losses[worst],
                            worst_domain=self.names[worst])
 
@@ -140,7 +133,6 @@ class Trainer:
             self.mixer.proportions = proportions
         return losses
 
-    # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
         t = self.cfg.train
         k, seq_len = len(self.names), self.cfg.data.seq_len
@@ -157,7 +149,7 @@ class Trainer:
         for j, chunk in enumerate(micro):
             ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
             domains = torch.tensor([d for d, _ in chunk], device=self.device)
-            with _maybe_no_sync(self.train_model, sync=j == len(micro) - 1):
+            with parallel.maybe_no_sync(self.train_model, sync=j == len(micro) - 1):
                 with autocast(self.device, self.amp_dtype):
                     nll = token_nll(self.train_model, ids)
                 seq_sums = nll.sum(dim=1)
@@ -172,22 +164,26 @@ class Trainer:
             penalty, prune_log = self.pruner.penalty(self.step)
             penalty.backward()
             record.update(lagrangian=float(penalty.detach()), **prune_log)
-        weights = self.optimizers["weights"]
-        torch.nn.utils.clip_grad_norm_(weights.param_groups[0]["params"], t.grad_clip)
-        lr = weights.param_groups[0]["lr"]
-        for name, optimizer in self.optimizers.items():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.schedulers[name].step()
-        if self.pruner is not None:
-            self.pruner.after_step()
         dist.all_reduce_sum(sums)
         dist.all_reduce_sum(counts)
         domain_loss = (sums / counts).tolist()  # nan for a domain absent from the batch
         loss = float(sums.sum() / counts.sum())
-        self.mixer.observe_train(domain_loss)
-        if self.pruner is not None:
-            record["lm_loss"] = loss
+        weights = self.optimizers["weights"]
+        norm = torch.nn.utils.clip_grad_norm_(weights.param_groups[0]["params"], t.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        lr = weights.param_groups[0]["lr"]
+        healthy = math.isfinite(loss) and math.isfinite(norm)
+        for name, optimizer in self.optimizers.items():
+            if healthy:  # a bad step leaves weights, masks and their optimiser states untouched
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.schedulers[name].step()
+        if not healthy:
+            record["bad"] = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+        elif self.pruner is not None:
+            self.pruner.after_step()
+        if healthy:
+            self.mixer.observe_train(domain_loss)
         record.update(step=self.step + 1, tokens=sum(self.domain_tokens), lr=lr, loss=loss,
                       domain_loss=dict(zip(self.names, domain_loss)),
                       domain_tokens=dict(zip(self.names, self.domain_tokens)),
@@ -222,7 +218,7 @@ class Trainer:
         if self.pruner is not None:
             ckpt.read_pruner(folder, self.pruner, str(self.device))
             rngs = state["pruner_rng"]
-            fresh = self.cfg.train.seed * 1000 + dist.rank() + RESUME_SEED_STRIDE * int(state["step"])
+            fresh = self.cfg.train.seed * RANK_SEED_STRIDE + dist.rank() + RESUME_SEED_STRIDE * int(state["step"])
             self.pruner.load_rng_state(rngs if isinstance(rngs, list) else [rngs], dist.rank(), fresh)
             self.optimizers["masks"].load_state_dict(saved["masks"])
         for name, scheduler in self.schedulers.items():
@@ -239,11 +235,11 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-            export = sum(q.numel() for q in self.model.parameters()) * (
-                torch.finfo(self.save_dtype).bits // 8 if self.save_dtype is not None else 4)
-            ckpt.check_disk_space(self.run_dir, ckpt.checkpoint_bytes(self.model, self.pruner), t.keep_checkpoints,
-                                  export)
+            ckpt.check_room(self.run_dir, self.model, self.pruner, self.save_dtype, t.keep_checkpoints)
         resumed = self.checkpointer.load_latest(self.load_checkpoint) if self.cfg.resume else None
+        if resumed is None and self.cfg.resume is True:
+            raise ConfigError(f"resume=true but {self.checkpointer.root} holds no checkpoint: nothing to resume. "
+                              "Check run_dir, or pass resume=auto to start when there is nothing to resume")
         if resumed is not None:
             self.step = resumed[0]
             self.metrics.truncate_after(self.step)
@@ -254,12 +250,14 @@ class Trainer:
             losses = self.evaluate()  # the source model: reference losses and the starting point
             self.log_eval(losses)
             self.mixer.start(losses)
+        self.model.train()  # from_pretrained gives eval mode (dropout off); a resumed run has not evaluated yet
         bar = progress(t.steps, self.step, self.main, "prune" if self.pruner is not None else "train")
         start = time.perf_counter()
         while self.step < t.steps:
             record = self.train_step()
             self.step += 1
             record["elapsed_s"] = time.perf_counter() - start
+            self.health.check(self.step, record)
             last = self.step == t.steps
             if self.step % t.log_every == 0 or last:
                 self.metrics.write("train", **record)
@@ -276,6 +274,9 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> Path:
+        problem = check_exportable(self.run_dir / "metrics.jsonl", self.model.config.vocab_size) if self.main else ""
+        if dist.broadcast_floats([float(bool(problem))])[0] > 0 and not self.cfg.force:
+            raise TrainingError(export_refusal(self.run_dir / "model", problem))
         out = self.run_dir / "model"
         # FSDP: gather the full weights (collective) into a plain model on rank 0 for export
         model = parallel.unsharded_model(self.model) if parallel.is_fsdp(self.model) else self.model
@@ -286,32 +287,12 @@ class Trainer:
             else:
                 model.to(self.save_dtype or next(model.parameters()).dtype).save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
+                follow_umask(out)
                 shape = source_shape(self.model.config)
-            keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size")
             self.metrics.write("final", step=self.step, model_dir=str(out),
-                               shape={key: getattr(shape, key) for key in keys})
+                               shape={key: getattr(shape, key) for key in SHAPE_KEYS})
         dist.barrier()
         return out
-
-
-def _as_torch_dtype(value) -> torch.dtype | None:
-    if isinstance(value, torch.dtype):
-        return value
-    return getattr(torch, value, None) if isinstance(value, str) else None
-
-
-class _maybe_no_sync:
-    """DDP's no_sync for all but the last micro-batch; a no-op for a plain module."""
-
-    def __init__(self, model: torch.nn.Module, sync: bool):
-        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx is not None else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else False
 
 
 def train(cfg: RunConfig) -> Path:

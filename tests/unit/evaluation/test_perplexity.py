@@ -8,6 +8,7 @@ from tiny_models import VOCAB, save_tiny, tiny_model, tiny_tokenizer
 from drpruning.data import pack, read_documents
 from drpruning.evaluation import evaluate_model, format_table, resolve_model_dir
 from drpruning.evaluation.perplexity import domain_losses, summarize
+from drpruning.models import ModelSourceError
 
 
 def direct_nats(model, seq: torch.Tensor) -> tuple[float, int]:
@@ -70,5 +71,5 @@ def test_evaluate_model_on_a_run_dir(tmp_path):
     json.dumps(res)  # JSON-able
     table = format_table(res)
     assert "worst domain: d" in table and f"{d['loss']:.4f}" in table
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match="no config.json"):
         resolve_model_dir(tmp_path)

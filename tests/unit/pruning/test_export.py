@@ -20,7 +20,7 @@ from drpruning.pruning.pruner import Pruner
 
 STRUCTURES = ["layer", "head", "intermediate", "hidden"]
 SUBSETS = [list(c) for n in range(1, 5) for c in itertools.combinations(STRUCTURES, n)]
-HIDDEN = {"llama": 16, "tied": 24, "qwen2": 20, "mistral": 20}  # qwen2 / mistral: not a multiple of heads
+HIDDEN = {"llama": 16, "tied": 24, "qwen2": 20, "mistral": 20, "smollm3": 20}  # 20: not a multiple of heads
 CASES = [
     (kind, subset, mode)
     for kind in HIDDEN
@@ -121,6 +121,25 @@ def test_qwen2_per_layer_attention_kinds_follow_kept_layers(tmp_path):
     assert small.config.layer_types == [kinds[0], kinds[3]] == ["full_attention", "sliding_attention"]
     with torch.no_grad():
         assert (small(x).logits - masked).abs().max() < 1e-4  # sequence longer than the window
+
+
+def test_smollm3_no_rope_layers_follow_kept_layers(tmp_path):
+    """The family added as one adapter entry: its per-layer NoPE list is sliced like layer_types."""
+    model = tiny_model("smollm3")
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    cfg = PruningConfig(enabled=True, target={"num_hidden_layers": 2}, structures=["layer"])
+    pruner = Pruner(model.config, cfg, 10)
+    with torch.no_grad():
+        pruner.log_alpha["layer"].copy_(torch.tensor([-3.0, 3.0, -2.0, 2.0]))  # keep layers 1 and 3
+    attach(model, pruner)
+    pruner.eval(exact=True)
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        masked = model(x).logits
+    small = AutoModelForCausalLM.from_pretrained(export_model(model, pruner, tmp_path / "s"))
+    assert small.config.no_rope_layers == [1, 0]
+    with torch.no_grad():
+        assert (small(x).logits - masked).abs().max() < 1e-4
 
 
 def test_tokenizer_and_generation_config_saved(tmp_path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from drpruning.config import ConfigError, PruningConfig
 from drpruning.pruning.masked_model import MaskedLinear, attach, prepare_masks
 from drpruning.pruning.pruner import Pruner
 
-KINDS = ["llama", "tied", "qwen2", "mistral"]
+KINDS = list(CONFIGS)
 ALL = ["layer", "head", "intermediate", "hidden"]
 
 
