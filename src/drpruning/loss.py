@@ -19,11 +19,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without, oneDNN falls back to a generic
+    kernel: 30x slower than float32 on an AVX2 machine, measured."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `train.dtype`: auto is bf16 where the hardware runs it fast, else float32."""
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16  # about twice as fast as float32 on recent x86 CPUs
+    # about twice as fast as float32 on x86 CPUs with AVX512-BF16 / AMX, far slower on the others
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
