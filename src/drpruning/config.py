@@ -78,6 +78,8 @@ class MixingConfig:
     record_from: float = 0.02  # fraction of training after which scaling-law points are recorded
     fit_from: float = 0.10  # fraction of training after which the law is fitted
     ratio_from: float = 0.20  # fraction of training after which the reference ratio moves
+    # an update whose mean held-out loss is this far above the training-loss average is skipped; 0: never
+    outlier_nats: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)  # options of a rule that has no key above
 
 
@@ -93,8 +95,20 @@ class PruningConfig:
     lagrangian_warmup_steps: int | None = None  # None: 20% of train.steps (the paper's setting)
     mask_lr: float = 1.0
     lagrangian_lr: float = 1.0
-    init_log_alpha: float = 5.0
+    init_log_alpha: float = 5.0  # clamped to the log-alpha range (ln 100) at construction
     init_log_alpha_std: float = 0.01
+    # importance: a calibration pass scores every unit; scores spread the initial log-alphas (the least
+    # important start `importance_spread` lower) and break ties; uniform: the paper's N(init, std)
+    init: str = "importance"
+    importance_spread: float = 2.0
+    calibration_sequences: int = 16  # training sequences scored by the calibration pass
+    protect_massive: bool = True  # hidden channels with massive activations are never pruned
+    protect: dict[str, list[int]] = field(default_factory=dict)  # e.g. {hidden: [507], layer: [0]}: held at 1
+    # the masks' and multipliers' learning-rate schedule: constant after a linear warmup (default: 25% of the
+    # Lagrangian warmup), or `follow` the weights' warmup + cosine (the paper's, which leaves little lr after
+    # the Lagrangian warmup in a short run)
+    mask_schedule: str = "constant"
+    mask_warmup_steps: int | None = None
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
@@ -229,5 +243,13 @@ def validate(cfg: RunConfig) -> None:
         if w is not None and not 0 <= w <= t.steps:
             raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the run has "
                               f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
+        if p.init not in ("uniform", "importance"):
+            raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform or importance")
+        if p.mask_schedule not in ("constant", "follow"):
+            raise ConfigError(f"config key 'pruning.mask_schedule' is {p.mask_schedule!r}: use constant or follow")
+        bad = set(p.protect) - {"layer", "hidden"}
+        if bad:
+            raise ConfigError(f"config key 'pruning.protect' has {sorted(bad)}: protect layer or hidden units "
+                              "(e.g. {hidden: [507]})")
         if not p.target and p.target_params is None:
             raise ConfigError("pruning is enabled but neither 'pruning.target' nor 'pruning.target_params' is set")

@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of every predicted token, [batch, seq_len - 1], in float32."""
-    logits = model(input_ids=input_ids).logits[:, :-1]
-    targets = input_ids[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return nll_from_logits(model(input_ids=input_ids).logits[:, :-1], input_ids[:, 1:])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -36,3 +34,31 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     # about twice as fast as float32 on x86 CPUs with AVX512-BF16 / AMX, far slower on the others
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+CHUNK_ROWS = 1024  # tokens per distillation chunk: bounds the float32 [tokens, vocab] temporaries
+
+
+def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token `logits` [B, T, V] against `targets` [B, T], per token, in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """KL(teacher || student) of the softened next-token distributions, per token ([B, T]), times T^2 so
+    that its gradient keeps the scale of the cross-entropy's. Computed `chunk_rows` tokens at a time and
+    recomputed in backward, so float32 copies of the logits never exist for more than one chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    s, t = student_logits.flatten(0, -2), teacher_logits.detach().flatten(0, -2)
+    parts = [checkpoint(_kl_rows, s[i:i + chunk_rows], t[i:i + chunk_rows], temperature, use_reentrant=False)
+             if s.requires_grad else _kl_rows(s[i:i + chunk_rows], t[i:i + chunk_rows], temperature)
+             for i in range(0, s.shape[0], chunk_rows)]
+    return (torch.cat(parts) * temperature**2).view(student_logits.shape[:-1])

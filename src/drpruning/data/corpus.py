@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PIECE_CHARS = 32_000  # long documents are cut into pieces at line breaks so that even a one-book domain
 # can be split into disjoint training and evaluation text
-CACHE_VERSION = 4  # bump when what a cache holds changes (4: bytes counted by the packer)
+CACHE_VERSION = 5  # bump when what a cache holds changes (4: bytes counted by the packer; 5: split by document)
 EVAL_CHARS_PER_TOKEN = 6  # held-out text stops once it can fill the sequences (generous for English)
 
 
@@ -81,8 +81,12 @@ def _order_key(name: str, text: str) -> str:
 
 def split_documents(name: str, docs: list[str], eval_tokens_wanted_chars: int,
                     eval_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split by document: held-out pieces are chosen by a hash of their text."""
-    pieces = [p for d in docs for p in split_pieces(d)]
+    """Deterministic split by document, chosen by a hash of the text, so that no document has text on both
+    sides. A domain of one document (a book) is split by piece of about PIECE_CHARS characters instead."""
+    pieces = docs
+    if len(docs) < 2:
+        pieces = [p for d in docs for p in split_pieces(d)]
+        log.info("domain %s holds one document: its held-out text is %d-character pieces of it", name, PIECE_CHARS)
     if len(pieces) < 2:
         raise ConfigError(f"domain {name!r} has too little text ({sum(map(len, docs))} characters) to hold out "
                           "evaluation documents; add documents or remove the domain")

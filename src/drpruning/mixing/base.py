@@ -145,6 +145,14 @@ class Mixer:
             old = self.train_ema[i]
             self.train_ema[i] = value if old is None else (1 - a) * old + a * value
 
+    def jump(self, eval_losses: Sequence[float]) -> float | None:
+        """How far the mean held-out loss is above the mean training-loss average, over the domains that
+        have one; None before any."""
+        pairs = [(float(e), m) for e, m in zip(eval_losses, self.train_ema, strict=True) if m is not None]
+        if not pairs:
+            return None
+        return sum(e for e, _ in pairs) / len(pairs) - sum(m for _, m in pairs) / len(pairs)
+
     def signal(self, eval_losses: Sequence[float]) -> list[float]:
         if self.cfg.signal == "eval":
             return list(eval_losses)
@@ -163,8 +171,15 @@ class Mixer:
         fits: list[dict | None] = [None] * k
         predictions: list[float | None] = [None] * k
         skipped = None
+        jump = self.jump(eval_losses)
         if not all(math.isfinite(v) and v >= 0 for v in losses):
             skipped = f"losses {losses} are not all finite and non-negative: proportions unchanged"
+            log.warning("mixing update at step %d skipped: %s", step, skipped)
+        elif jump is not None and jump > self.cfg.outlier_nats > 0:
+            # a collapsed evaluation (e.g. masks that cut a unit the model cannot lose) is no signal: read as
+            # excess it would move mass onto the domain with the lowest reference
+            skipped = (f"held-out loss {jump:.2f} nats above the training-loss average (mixing.outlier_nats = "
+                       f"{self.cfg.outlier_nats}): an outlier, proportions and references unchanged")
             log.warning("mixing update at step %d skipped: %s", step, skipped)
         elif self.uses_references and self.references is None:
             raise RuntimeError("the mixer has no reference losses: call start(source_losses) before update")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import brentq
 
+TIE_TOLERANCE = 1e-9  # excesses closer than this (relative) are equal: rounding must not choose the weights
 RATIO_EMA = 0.1  # weight of q in the moving reference ratio (docs/method.md §5.5); not the training-loss `ema`
 
 
@@ -92,8 +93,9 @@ def dro_weights(losses: Sequence[float], reference_losses: Sequence[float], refe
     p = distribution("reference_ratio", p)
     e = np.asarray(excess(x, ref)[0])
     active = p > 0
-    if e[active].max() <= 0:
-        q = p.copy()  # no loss anywhere: nothing to lean toward
+    spread = e[active].max() - e[active].min()
+    if e[active].max() <= 0 or spread <= TIE_TOLERANCE * max(1.0, float(np.abs(e[active]).max())):
+        q = p.copy()  # no loss anywhere, or equal excess everywhere (up to rounding): nothing to lean toward
     else:
         # a domain outside the reference ratio (p_i = 0) gets no mass; keep it below the others' excess
         e = np.where(active, e, e[active].min() - 1.0)

@@ -29,8 +29,17 @@ def soft_values(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha * SOFT_SCALE / TEMPERATURE)
 
 
-def topk_mask(soft: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """`soft` with the k smallest entries of each row (last dim) set to 0; survivors keep their value."""
+def topk_mask(soft: torch.Tensor, k: torch.Tensor | int, key: torch.Tensor | None = None) -> torch.Tensor:
+    """`soft` with the k smallest entries of each row (last dim) set to 0; survivors keep their value. Equal
+    soft values are ordered by `key` (smaller goes first), else by index."""
     k = torch.as_tensor(k, device=soft.device).expand(soft.shape[:-1])
-    ranks = soft.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)  # 0 = smallest in its row
-    return torch.where(ranks >= k.unsqueeze(-1), soft, torch.zeros_like(soft))
+    return torch.where(cut_ranks(soft, key) >= k.unsqueeze(-1), soft, torch.zeros_like(soft))
+
+
+def cut_ranks(soft: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+    """Each unit's rank in its row by (soft value, key), 0 = the first to be cut."""
+    if key is None:
+        return soft.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)
+    by_key = key.argsort(dim=-1, stable=True)  # then a stable sort on soft keeps the key order among ties
+    order = by_key.gather(-1, soft.gather(-1, by_key).argsort(dim=-1, stable=True))
+    return order.argsort(dim=-1)

@@ -19,7 +19,9 @@ The embedding output is not masked: dimensions with a zero mask are never read d
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -153,7 +155,8 @@ def _masked_linear_forward(handle: MaskedModel, layer: int, in_key: str | None):
 
 
 class MaskedModel:
-    """The masks installed on one model: `current` holds this forward's masks, `detach()` removes them."""
+    """The masks installed on one model: `current` holds this forward's masks, `detach()` removes them,
+    `unmasked()` runs a block on the plain model (e.g. the source model's own evaluation)."""
 
     def __init__(self, model: nn.Module, pruner: Pruner) -> None:
         self.model, self.pruner = model, pruner
@@ -168,31 +171,42 @@ class MaskedModel:
                 h.remove()
         self._handles = []
 
+    @contextlib.contextmanager
+    def unmasked(self) -> Iterator[None]:
+        self.detach()
+        try:
+            yield
+        finally:
+            self.install()
+
+    def install(self) -> MaskedModel:
+        model, pruner = self.model, self.pruner
+        family = family_of(model.config)
+        base = family.base(model)
+        if len(base.layers) != pruner.source.num_hidden_layers:
+            raise ValueError(
+                f"model has {len(base.layers)} layers, the pruner was built for {pruner.source.num_hidden_layers}"
+            )
+
+        def sample(_module, _args):
+            self.current = prepare_masks(pruner)
+
+        self._handles.append(base.register_forward_pre_hook(sample))
+        outputs = "layer" in pruner.structures or "hidden" in pruner.structures
+        for i, layer in enumerate(base.layers):
+            for module, in_key in ((family.attn(layer, "o"), "head"), (family.ffn(layer, "down"), "intermediate")):
+                in_key = in_key if in_key in pruner.structures else None
+                if in_key is not None or outputs:
+                    module.forward = types.MethodType(_masked_linear_forward(self, i, in_key), module)
+                    self._handles.append(module)
+        if "hidden" in pruner.structures:
+            forward = _masked_rms_forward(self)
+            for norm in family.residual_norms(model):
+                norm.forward = types.MethodType(forward, norm)
+                self._handles.append(norm)
+        return self
+
 
 def attach(model: nn.Module, pruner: Pruner) -> MaskedModel:
     """Install the masks of `pruner` on `model` (its modules are not replaced, only their forwards)."""
-    family = family_of(model.config)
-    base = family.base(model)
-    if len(base.layers) != pruner.source.num_hidden_layers:
-        raise ValueError(
-            f"model has {len(base.layers)} layers, the pruner was built for {pruner.source.num_hidden_layers}"
-        )
-    handle = MaskedModel(model, pruner)
-
-    def sample(_module, _args):
-        handle.current = prepare_masks(pruner)
-
-    handle._handles.append(base.register_forward_pre_hook(sample))
-    outputs = "layer" in pruner.structures or "hidden" in pruner.structures
-    for i, layer in enumerate(base.layers):
-        for module, in_key in ((family.attn(layer, "o"), "head"), (family.ffn(layer, "down"), "intermediate")):
-            in_key = in_key if in_key in pruner.structures else None
-            if in_key is not None or outputs:
-                module.forward = types.MethodType(_masked_linear_forward(handle, i, in_key), module)
-                handle._handles.append(module)
-    if "hidden" in pruner.structures:
-        forward = _masked_rms_forward(handle)
-        for norm in family.residual_norms(model):
-            norm.forward = types.MethodType(forward, norm)
-            handle._handles.append(norm)
-    return handle
+    return MaskedModel(model, pruner).install()

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from drpruning.config import PruningConfig, warmup_steps
+from drpruning.config import ConfigError, PruningConfig, warmup_steps
 from drpruning.models.families import family_of
 from drpruning.models.shape import Shape, resolve_target, source_shape
 from drpruning.pruning.hard_concrete import (
@@ -34,6 +34,7 @@ from drpruning.pruning.hard_concrete import (
     soft_values,
     topk_mask,
 )
+from drpruning.pruning.importance import initial_log_alpha
 
 STRUCTURES = ("layer", "head", "intermediate", "hidden")
 INIT_SEED = 1234  # a fixed-seed CPU generator draws the initial log-alphas: every rank starts the same
@@ -72,16 +73,52 @@ class Pruner(nn.Module):
         }
         device = torch.device(device or "cpu")
         init = torch.Generator().manual_seed(INIT_SEED)
+        # clamped at construction: above the range, every unit would get the same first step (exact ties)
         self.log_alpha = nn.ParameterDict(
             {
                 s: nn.Parameter(
-                    (torch.randn(shapes[s], generator=init) * cfg.init_log_alpha_std + cfg.init_log_alpha).to(device)
+                    (torch.randn(shapes[s], generator=init) * cfg.init_log_alpha_std + cfg.init_log_alpha)
+                    .clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX).to(device)
                 )
                 for s in self.structures
             }
         )
         self.lambda1 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
         self.lambda2 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
+        # ties among equal soft values are cut by this key (smaller first): seeded random, or the calibration
+        # importance; saved with the masks, so `drpruning export` repeats the same choice
+        for s in self.structures:
+            self.register_buffer(f"tie_key_{s}", torch.rand(shapes[s], generator=init).to(device))
+            protected = torch.zeros(shapes[s], dtype=torch.bool)
+            for i in cfg.protect.get(s, []):
+                if not 0 <= i < shapes[s][-1]:
+                    raise ConfigError(f"pruning.protect.{s} names unit {i}, but the model has {shapes[s][-1]}")
+                protected[..., i] = True
+            self.register_buffer(f"protected_{s}", protected.to(device))
+
+    @torch.no_grad()
+    def broadcast_(self) -> None:
+        """Every rank takes rank 0's masks, multipliers, tie keys and protected units."""
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            for t in [*self.parameters(), *self.buffers()]:
+                tdist.broadcast(t.data, src=0)
+
+    def tie_key(self, s: str) -> torch.Tensor:
+        return getattr(self, f"tie_key_{s}")
+
+    def protected(self, s: str) -> torch.Tensor:
+        return getattr(self, f"protected_{s}")
+
+    @torch.no_grad()
+    def set_importance(self, scores: dict[str, torch.Tensor], massive: torch.Tensor | None = None) -> None:
+        """Initial log-alphas and tie keys from calibration scores (`importance.importance_scores`); massive
+        hidden channels become protected."""
+        for s in self.structures:
+            score = scores[s].to(self.log_alpha[s].device).reshape(self.log_alpha[s].shape)
+            self.log_alpha[s].copy_(initial_log_alpha(score, LOG_ALPHA_MAX, self.cfg.importance_spread))
+            self.tie_key(s).copy_(score)
+        if massive is not None and "hidden" in self.structures and self.cfg.protect_massive:
+            self.protected("hidden").logical_or_(massive.to(self.protected("hidden").device))
 
     # ---- sizes -----------------------------------------------------------------------------------
     def unit_count(self, structure: str) -> tuple[int, int]:
@@ -183,20 +220,54 @@ class Pruner(nn.Module):
 
     # ---- masks -----------------------------------------------------------------------------------
     def probabilities(self) -> dict[str, torch.Tensor]:
-        return {s: prob_nonzero(a) for s, a in self.log_alpha.items()}
+        """P(z > 0) per unit; 1 for a protected unit."""
+        return {s: torch.where(self.protected(s), 1.0, prob_nonzero(a)) for s, a in self.log_alpha.items()}
 
     def sample(self) -> dict[str, torch.Tensor]:
-        """A fresh training sample of every structure's mask."""
-        return {s: sample_hard_concrete(a, self._gen(a.device)) for s, a in self.log_alpha.items()}
+        """A fresh training sample of every structure's mask (protected units at 1)."""
+        return {s: torch.where(self.protected(s), 1.0, sample_hard_concrete(a, self._gen(a.device)))
+                for s, a in self.log_alpha.items()}
+
+    def cut_sizes(self, exact: bool = False) -> dict[str, torch.Tensor]:
+        """Units cut per row. Exact: size - target. Expected: round(sum(1 - P)) less the floor that a unit at
+        the top of the range still counts (1 - P(ln 100) = 0.2%, 3 FFN channels per SmolLM2 row), at most the
+        exact cut: the expected architecture never passes the target."""
+        out, probs = {}, self.probabilities()
+        for s, a in self.log_alpha.items():
+            size, kept = self.unit_count(s)
+            if exact:
+                out[s] = torch.full(a.shape[:-1], size - kept, dtype=torch.long, device=a.device)
+                continue
+            floor = 1 - prob_nonzero(torch.tensor(LOG_ALPHA_MAX))
+            expected = (1 - probs[s]).sum(-1) - size * float(floor)
+            out[s] = torch.round(expected).long().clamp(0, size - kept)
+        return out
 
     @torch.no_grad()
     def deterministic_masks(self, exact: bool = False) -> dict[str, torch.Tensor]:
-        """Soft values, the k smallest of each row zeroed: k = size - target (exact) or round(sum(1 - P))."""
+        """Soft values (protected units: 1), the k = cut_sizes(exact) smallest of each row zeroed, ties cut
+        by the tie key (protected units never)."""
         out = {}
-        for s, a in self.log_alpha.items():
-            size, kept = self.unit_count(s)
-            k = size - kept if exact else torch.round((1 - prob_nonzero(a)).sum(-1)).long()
-            out[s] = topk_mask(soft_values(a), k)
+        for s, k in self.cut_sizes(exact).items():
+            soft, key = self._soft_and_key(s)
+            out[s] = topk_mask(soft, k, key)
+        return out
+
+    def _soft_and_key(self, s: str) -> tuple[torch.Tensor, torch.Tensor]:
+        protected = self.protected(s)
+        soft = torch.where(protected, 1.0, soft_values(self.log_alpha[s]))
+        return soft, torch.where(protected, torch.inf, self.tie_key(s))
+
+    @torch.no_grad()
+    def tie_groups(self, exact: bool = False) -> dict[str, int]:
+        """Per structure, the largest number of units (over rows) that share the soft value at the cut: more
+        than 1 means the tie key, not the masks, chose among them."""
+        out = {}
+        for s, k in self.cut_sizes(exact).items():
+            soft, _ = self._soft_and_key(s)
+            rows, ks = soft.reshape(-1, soft.shape[-1]), k.reshape(-1)
+            sizes = [int((row == row.sort().values[kk - 1]).sum()) if kk > 0 else 0 for row, kk in zip(rows, ks)]
+            out[s] = max(sizes)
         return out
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -270,9 +341,10 @@ class Pruner(nn.Module):
         return total, log
 
     @torch.no_grad()
-    def shape_summary(self) -> dict[str, Any]:
-        """The current expected architecture (units kept by the evaluation masks) and the target."""
-        masks = self.deterministic_masks(exact=False)
+    def shape_summary(self, exact: bool = False) -> dict[str, Any]:
+        """The architecture the evaluation masks keep (expected size, or exact), the tie groups they cut
+        through, and the target."""
+        masks = self.deterministic_masks(exact=exact)
         src = self.source
         kept = {s: (m != 0).sum(-1) for s, m in masks.items()}
         layers = int(kept["layer"]) if "layer" in kept else src.num_hidden_layers
@@ -294,5 +366,6 @@ class Pruner(nn.Module):
             "heads_per_layer": heads_per_layer,
             "intermediate_per_layer": ffn_per_layer,
             "expected_params": float(self.expected_params()),
+            "tie_groups": self.tie_groups(exact),
             "target": self.target.as_dict(),
         }

@@ -47,6 +47,12 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- contents
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Global RNG states as plain types and tensors (loadable with weights_only=True)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -111,7 +117,11 @@ def read_weights(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def read_pruner(folder: Path, pruner: torch.nn.Module, device: str = "cpu") -> None:
-    pruner.load_state_dict(load_file(str(folder / PRUNER), device=device))
+    """Masks and multipliers; a format-1 pruner (no tie keys or protected units) keeps the fresh ones."""
+    saved = load_file(str(folder / PRUNER), device=device)
+    missing, unexpected = pruner.load_state_dict(saved, strict=False)
+    if unexpected or any(not k.startswith(("tie_key_", "protected_")) for k in missing):
+        raise ValueError(f"pruner state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def checkpoint_bytes(model: torch.nn.Module, pruner: torch.nn.Module | None) -> int:
@@ -223,6 +233,16 @@ class Checkpointer:
             self._finalise(step, tmp)
         barrier()
         return self.path(step)
+
+    def save_from_ranks(self, step: int, write: Callable[[Path], None], collective: bool, main: bool,
+                        barrier: Callable[[], None]) -> None:
+        """`save_collective` when every rank writes (FSDP shards), else `save` on the main rank; then a barrier."""
+        if collective:
+            self.save_collective(step, write, main, barrier)
+            return
+        if main:
+            self.save(step, write)
+        barrier()
 
     def _finalise(self, step: int, tmp: Path) -> Path:
         follow_umask(tmp)

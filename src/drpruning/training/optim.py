@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from drpruning.config import TrainConfig
+from drpruning.config import PruningConfig, TrainConfig, warmup_steps
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -31,9 +31,18 @@ def build_optimizers(model: torch.nn.Module, pruner: torch.nn.Module | None,
     return out
 
 
-def build_schedulers(optimizers: dict[str, torch.optim.Optimizer],
-                     t: TrainConfig) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-    """The weights' warmup + cosine schedule, applied to every optimiser (masks included, as in the paper)."""
+def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], t: TrainConfig,
+                     p: PruningConfig | None = None) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+    """The weights: warmup + cosine. The masks: constant after a linear warmup (`pruning.mask_schedule:
+    constant`, so they can still converge after the Lagrangian warmup), or the weights' schedule (`follow`,
+    the paper's)."""
     warmup = round(t.warmup_fraction * t.steps)
-    return {name: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio))
-            for name, o in optimizers.items()}
+    out = {}
+    for name, o in optimizers.items():
+        if name == "masks" and p is not None and p.mask_schedule == "constant":
+            w = p.mask_warmup_steps if p.mask_warmup_steps is not None else round(0.25 * warmup_steps(p, t.steps))
+            out[name] = torch.optim.lr_scheduler.LambdaLR(o, lambda s, w=w: min(1.0, (s + 1) / w) if w > 0 else 1.0)
+        else:
+            out[name] = torch.optim.lr_scheduler.LambdaLR(
+                o, lambda s: lr_factor(s, t.steps, warmup, t.min_lr_ratio))
+    return out

@@ -8,9 +8,9 @@ every `checkpoint_every` steps, then the model (compact, when pruning) in RUN_DI
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from drpruning.models.loading import load_model, load_model_config, model_max_le
 from drpruning.models.shape import SHAPE_KEYS, source_shape
 from drpruning.paths import follow_umask
 from drpruning.pruning import Pruner, attach, export_model
+from drpruning.pruning.importance import calibrate
 from drpruning.training import checkpoint as ckpt
 from drpruning.training import distributed as dist
 from drpruning.training import parallel
@@ -37,12 +38,6 @@ from drpruning.training.optim import build_optimizers, build_schedulers
 log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 1000  # mask sampling on rank r is seeded train.seed * 1000 + r
 RESUME_SEED_STRIDE = 7919  # a rank without a saved mask-sampling state gets a seed distinct per resume step
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -72,7 +67,7 @@ class Trainer:
                               "that run, or choose a new run_dir")
         sources = check_sources(cfg.data.domains)
 
-        seed_everything(t.seed)
+        ckpt.seed_everything(t.seed)
         # weights are trained in model.dtype (auto: float32 master weights) and saved in the source's dtype
         self.model, self.tokenizer = load_model(cfg.model.source, dtype=cfg.model.dtype)
         self.save_dtype = source_dtype(model_config)
@@ -87,14 +82,14 @@ class Trainer:
         if cfg.pruning.enabled:
             self.pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
             self.pruner.seed(t.seed * RANK_SEED_STRIDE + dist.rank())
-            attach(self.model, self.pruner)
+            self.masked = attach(self.model, self.pruner)
         final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
         self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device) if dist.world() > 1 \
             else self.model
         self.optimizers = build_optimizers(self.train_model, self.pruner, t)
-        self.schedulers = build_schedulers(self.optimizers, t)
+        self.schedulers = build_schedulers(self.optimizers, t, cfg.pruning if self.pruner is not None else None)
         self.step = 0
         self.domain_tokens = [0] * len(self.names)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
@@ -113,9 +108,9 @@ class Trainer:
         dist.all_reduce_sum(counts)
         return (sums / counts).tolist()
 
-    def log_eval(self, losses: list[float]) -> None:
+    def log_eval(self, losses: list[float], **extra) -> None:
         worst = int(np.argmax(losses))
-        self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens),
+        self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens), **extra,
                            eval_loss=dict(zip(self.names, losses)),
                            eval_ppl={n: math.exp(min(x, 700.0)) for n, x in zip(self.names, losses)},
                            mean_loss=float(np.mean(losses)), worst_loss=losses[worst],
@@ -123,7 +118,7 @@ class Trainer:
 
     def evaluate_and_mix(self, last: bool) -> list[float]:
         losses = self.evaluate(exact=last)
-        self.log_eval(losses)
+        self.log_eval(losses, **({"shape": self.pruner.shape_summary(last)} if self.pruner is not None else {}))
         if self.main:
             sparsity = self.pruner.expected_sparsity() if self.pruner is not None else None
             record = self.mixer.update(self.step, losses, list(self.domain_tokens), sparsity)
@@ -204,12 +199,8 @@ class Trainer:
         def write(folder: Path) -> None:
             ckpt.write_state(folder, self.model, self.optimizers, state, self.pruner, self.main)
 
-        if parallel.is_fsdp(self.model):  # every rank writes its shards (DCP); rank 0 seals the folder
-            self.checkpointer.save_collective(self.step, write, self.main, dist.barrier)
-            return
-        if self.main:
-            self.checkpointer.save(self.step, write)
-        dist.barrier()
+        # FSDP: every rank writes its shards (DCP) and rank 0 seals the folder; else rank 0 writes it all
+        self.checkpointer.save_from_ranks(self.step, write, parallel.is_fsdp(self.model), self.main, dist.barrier)
 
     def load_checkpoint(self, folder: Path) -> int:
         state = ckpt.read_state(folder)
@@ -247,7 +238,12 @@ class Trainer:
         else:
             if self.main and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
-            losses = self.evaluate()  # the source model: reference losses and the starting point
+            with self.masked.unmasked() if self.pruner is not None else contextlib.nullcontext():
+                if self.pruner is not None and self.cfg.pruning.init == "importance":
+                    with autocast(self.device, self.amp_dtype):
+                        kept = calibrate(self.pruner, self.model, self.corpus.train, self.cfg.train.micro_batch_size)
+                    self.metrics.write("calibration", step=0, protected_hidden=kept)
+                losses = self.evaluate()  # the source model itself: reference losses and the starting point
             self.log_eval(losses)
             self.mixer.start(losses)
         self.model.train()  # from_pretrained gives eval mode (dropout off); a resumed run has not evaluated yet

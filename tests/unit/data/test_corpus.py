@@ -47,6 +47,14 @@ def test_no_leakage_of_evaluation_documents(tmp_path):
     assert corpus.eval_bytes[0] == corpus.eval[0].numel()
 
 
+def test_long_documents_are_held_out_whole():
+    """Two long documents: one is held out entirely, none is cut into pieces on both sides."""
+    a = "\n".join(f"alpha line {i}" for i in range(5000))  # ~70k characters: more than 2 pieces each
+    b = "\n".join(f"beta line {i}" for i in range(5000))
+    train, held = split_documents("x", [a, b], eval_tokens_wanted_chars=1000, eval_fraction=0.1)
+    assert len(held) == 1 and len(train) == 1 and {held[0], train[0]} == {a, b}
+
+
 def test_long_single_document_is_split_into_disjoint_pieces(tmp_path):
     tok = tiny_tokenizer()
     book = "\n".join(f"line {i:05d} of the only book" for i in range(4000))

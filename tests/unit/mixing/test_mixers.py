@@ -416,3 +416,29 @@ def test_scaling_law_is_reexported():
     from drpruning.mixing.scaling_law import ScalingLaw as Original
 
     assert ScalingLaw is Original
+
+
+def test_equal_excess_everywhere_gives_the_reference_ratio():
+    """Every domain +0.1 over its reference: a tie, whatever the rounding of loss - reference says."""
+    refs = [2.3, 1.7, 3.1, 0.9, 2.2]
+    losses = [r + 0.1 for r in refs]  # 0.1 up to rounding: 2.4 - 2.3 != 1.8 - 1.7 in float64
+    ratio = [0.4, 0.25, 0.15, 0.1, 0.1]
+    assert len({x - r for x, r in zip(losses, refs)}) > 1  # the rounding noise is really there
+    assert dro_weights(losses, refs, ratio) == pytest.approx(ratio, abs=1e-12)
+    # a real difference still moves the weights
+    assert dro_weights([losses[0] + 0.05] + losses[1:], refs, ratio)[0] > ratio[0] + 0.01
+
+
+def test_an_evaluation_far_above_the_training_average_is_skipped():
+    m = build_mixer(cfg(method="dro"), ["x", "y"], [0.5, 0.5], 100, False)
+    m.start([2.0, 1.0])
+    for _ in range(5):
+        m.observe_train([2.5, 1.5])
+    rec = m.update(10, [10.5, 10.5], [100, 100])  # a collapse: 8.5 nats above the training average
+    assert rec["skipped"] and "outlier" in rec["skipped"] and rec["weights"] == {"x": 0.5, "y": 0.5}
+    rec = m.update(20, [2.6, 1.4], [200, 200])  # an ordinary evaluation moves the weights
+    assert rec["skipped"] is None and rec["weights"]["x"] > 0.5
+    off = build_mixer(cfg(method="dro", outlier_nats=0.0), ["x", "y"], [0.5, 0.5], 100, False)
+    off.start([2.0, 1.0])
+    off.observe_train([2.5, 1.5])
+    assert off.update(10, [10.5, 10.5], [100, 100])["skipped"] is None

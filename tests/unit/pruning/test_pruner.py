@@ -244,3 +244,76 @@ def test_short_pruning_run_reaches_target(mode):
 def test_no_structure_is_an_error():
     with pytest.raises(ConfigError, match="structures is empty"):
         make(structures=[], target={})
+
+
+def _brute_force_cut(soft, key, k):
+    """Zero the k units with the smallest (soft, key) pairs, by plain sorting of tuples."""
+    order = sorted(range(len(soft)), key=lambda i: (float(soft[i]), float(key[i])))
+    out = soft.clone()
+    out[order[:k]] = 0
+    return out
+
+
+def test_ties_are_cut_by_the_tie_key_not_the_index():
+    from drpruning.pruning.hard_concrete import topk_mask
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        soft = torch.randint(0, 3, (9,), generator=g).float() / 2  # many exact ties
+        key = torch.rand(9, generator=g)
+        k = int(torch.randint(0, 10, (1,), generator=g))
+        assert torch.equal(topk_mask(soft, k, key), _brute_force_cut(soft, key, k))
+    _, pruner = make()
+    with torch.no_grad():
+        pruner.log_alpha["layer"].fill_(LOG_ALPHA_MAX)  # all tied, as after the first steps of a real run
+    masks = pruner.deterministic_masks(exact=True)
+    dropped = (masks["layer"] == 0).nonzero().flatten().tolist()
+    assert dropped == [int(pruner.tie_key("layer").argmin())]  # the tie key decides, not index 0
+    assert pruner.tie_groups(exact=True)["layer"] == 3
+
+
+def test_expected_cut_has_no_floor_and_never_passes_the_target():
+    _, pruner = make()
+    with torch.no_grad():
+        for a in pruner.log_alpha.values():
+            a.fill_(LOG_ALPHA_MAX)
+    for s, k in pruner.cut_sizes().items():  # saturated rows: the 0.2% floor of 1 - P cuts nothing
+        assert int(k.max()) == 0, s
+    with torch.no_grad():
+        pruner.log_alpha["intermediate"].fill_(LOG_ALPHA_MIN)  # everything far below: capped at the target
+    size, kept = pruner.unit_count("intermediate")
+    assert pruner.cut_sizes()["intermediate"].tolist() == [size - kept] * 3
+    p = prob_nonzero(torch.tensor(LOG_ALPHA_MIN))
+    assert round(float(size * (1 - p))) > size - kept  # ... where round(sum(1 - P)) would have cut more
+
+
+def test_protected_units_are_never_pruned():
+    _, pruner = make(protect={"hidden": [3, 7], "layer": [0]})
+    with torch.no_grad():
+        for a in pruner.log_alpha.values():
+            a.fill_(LOG_ALPHA_MIN)  # every unit wants to go
+    pruner.train()
+    for _ in range(20):
+        z = pruner.sample()
+        assert torch.all(z["hidden"][[3, 7]] == 1) and z["layer"][0] == 1
+    for exact in (False, True):
+        m = pruner.deterministic_masks(exact)
+        assert torch.all(m["hidden"][[3, 7]] == 1) and m["layer"][0] == 1
+    assert pruner.probabilities()["hidden"][3] == 1
+    with pytest.raises(ConfigError, match="names unit 99"):
+        make(protect={"hidden": [99]})
+
+
+def test_initial_masks_are_clamped_and_importance_spreads_them():
+    _, pruner = make()
+    assert all(float(a.detach().max()) <= LOG_ALPHA_MAX + 1e-6 for a in pruner.log_alpha.values())  # float32
+    scores = {s: torch.rand(a.shape, generator=torch.Generator().manual_seed(0)) for s, a in pruner.log_alpha.items()}
+    massive = torch.zeros(32, dtype=torch.bool)
+    massive[5] = True
+    pruner.set_importance(scores, massive)
+    for s, a in pruner.log_alpha.items():
+        rows = a.reshape(-1, a.shape[-1])
+        assert all(len(set(r.tolist())) == r.numel() for r in rows), s  # no ties
+        best = scores[s].reshape(rows.shape).argmax(-1)
+        assert torch.allclose(rows.gather(-1, best[:, None]), torch.tensor(LOG_ALPHA_MAX))
+    assert pruner.protected("hidden").nonzero().flatten().tolist() == [5]
