@@ -39,6 +39,13 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    weight: float = 0.0  # loss = (1 - weight) * cross-entropy + weight * KL(teacher || student); 0: off
+    temperature: float = 1.0
+    teacher: str | None = None  # any model source; None: model.source (the model being pruned)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     batch_size: int = 8  # sequences per optimiser step, over all ranks and micro-batches
@@ -58,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 8
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm before the run stops
+    distill: DistillConfig = field(default_factory=DistillConfig)  # distillation from a frozen teacher
 
 
 @dataclass
@@ -109,6 +117,7 @@ class PruningConfig:
     # the Lagrangian warmup in a short run)
     mask_schedule: str = "constant"
     mask_warmup_steps: int | None = None
+    hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
@@ -226,6 +235,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'mixing.reference' has {len(ref)} values for {k} domains")
     else:
         raise ConfigError("config key 'mixing.reference' must be source, scaling_law or a list of numbers")
+    if not 0 <= t.distill.weight <= 1:
+        raise ConfigError(f"config key 'train.distill.weight' must be in [0, 1], got {t.distill.weight}")
+    _positive("train.distill.temperature", t.distill.temperature)
     if cfg.resume not in (True, False, "auto"):
         raise ConfigError(f"config key 'resume' is {cfg.resume!r}: use true, false or auto")
     if not (isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 1):
@@ -245,6 +257,9 @@ def validate(cfg: RunConfig) -> None:
                               f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
         if p.init not in ("uniform", "importance"):
             raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform or importance")
+        if not 0 <= p.hardening_steps < t.steps:
+            raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
+                              f"train.steps ({t.steps})")
         if p.mask_schedule not in ("constant", "follow"):
             raise ConfigError(f"config key 'pruning.mask_schedule' is {p.mask_schedule!r}: use constant or follow")
         bad = set(p.protect) - {"layer", "hidden"}

@@ -8,7 +8,19 @@ import torch.nn.functional as F
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of every predicted token, [batch, seq_len - 1], in float32."""
-    return nll_from_logits(model(input_ids=input_ids).logits[:, :-1], input_ids[:, 1:])
+    return token_losses(model, input_ids)[0]
+
+
+def token_losses(model: torch.nn.Module, input_ids: torch.Tensor, teacher: torch.nn.Module | None = None,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(next-token cross-entropy, KL from `teacher`'s next-token distribution or None), each [B, T - 1]."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    nll = nll_from_logits(logits, input_ids[:, 1:])
+    if teacher is None:
+        return nll, None
+    with torch.no_grad():
+        target = teacher(input_ids=input_ids).logits[:, :-1]
+    return nll, distill_kl(logits, target, temperature)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

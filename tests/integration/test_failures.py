@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import overrides
 from tiny_models import save_tiny
 
 from drpruning.cli import main
 from drpruning.config import ConfigError, load_config
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer, TrainingError
+from runs import overrides
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -100,7 +100,7 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Make the training loss non-finite at the given (0-based) steps, as a diverged forward would."""
     import drpruning.training.trainer as T
 
-    real = T.token_nll
+    real = T.token_losses
     state = {"trainer": None}
     original_step = T.Trainer.train_step
 
@@ -108,14 +108,14 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
         state["trainer"] = self
         return original_step(self)
 
-    def token_nll(model, ids):
-        out = real(model, ids)
+    def token_losses(model, ids, *args):
+        nll, kl = real(model, ids, *args)
         if model.training and state["trainer"] is not None and state["trainer"].step in steps:
-            return out * float("nan")
-        return out
+            return nll * float("nan"), kl
+        return nll, kl
 
     monkeypatch.setattr(T.Trainer, "train_step", train_step)
-    monkeypatch.setattr(T, "token_nll", token_nll)
+    monkeypatch.setattr(T, "token_losses", token_losses)
 
 
 def test_a_non_finite_step_is_skipped_and_logged(tmp_path, model_dir, monkeypatch):
@@ -174,20 +174,18 @@ def test_a_diverged_run_is_not_exported_unless_forced(tmp_path, model_dir, capsy
 def test_loss_spike_is_a_warning_record(tmp_path, model_dir, monkeypatch):
     import drpruning.training.trainer as T
 
-    real = T.token_nll
+    real = T.token_losses
     calls = {"n": 0}
 
-    def token_nll(model, ids):
-        out = real(model, ids)
+    def token_losses(model, ids, *args):
+        nll, kl = real(model, ids, *args)
         if model.training:
             calls["n"] += 1
-            if calls["n"] == 2 * 7:  # both micro-batches of step 7: +3 nats on every token
-                return out + 3.0
-            if calls["n"] == 2 * 7 - 1:
-                return out + 3.0
-        return out
+            if calls["n"] in (2 * 7 - 1, 2 * 7):  # both micro-batches of step 7: +3 nats on every token
+                return nll + 3.0, kl
+        return nll, kl
 
-    monkeypatch.setattr(T, "token_nll", token_nll)
+    monkeypatch.setattr(T, "token_losses", token_losses)
     Trainer(load_config(None, overrides(tmp_path, model_dir, **{"train.steps": 8}))).run()
     warnings = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "warning"]
     assert [w["step"] for w in warnings] == [7] and "spike" in warnings[0]["message"]

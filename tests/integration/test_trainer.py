@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import overrides, strip
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
@@ -19,6 +18,7 @@ from drpruning.data.sampler import MixtureSampler
 from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
+from runs import overrides, strip
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
@@ -99,14 +99,20 @@ Trainer(load_config(None, sys.argv[2:])).run()
 """
 
 
-@pytest.mark.parametrize("method", ["constant", "drpruning"])
-def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method):
+NEW_OPTIONS = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
+               "pruning.init=importance", "pruning.protect={hidden: [3]}", "pruning.mask_schedule=constant",
+               "train.distill.weight=0.5", "train.distill.temperature=2.0", "mixing.outlier_nats=0.5"]
+
+
+@pytest.mark.parametrize("method,extra", [("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS)],
+                         ids=["constant", "drpruning", "drpruning-prune-importance-distill"])
+def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method, extra):
     common = {"train.steps": 8, "mixing.method": method, "train.dtype": "bfloat16"}
-    whole = overrides(tmp_path / "a", model_dir, **common)
+    whole = overrides(tmp_path / "a", model_dir, **common) + extra
     Trainer(load_config(None, whole)).run()
     expected = strip(read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"))
 
-    broken = overrides(tmp_path / "b", model_dir, **common)
+    broken = overrides(tmp_path / "b", model_dir, **common) + extra
     env = {**os.environ, "PYTHONPATH": str(HELPERS)}
     proc = subprocess.run([sys.executable, "-c", KILLER, "6", *broken], env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -160,3 +166,41 @@ def test_checkpoint_of_an_unknown_format_is_refused_with_its_version(tmp_path, m
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="checkpoint format 99.*start a new run_dir"):
         Trainer(load_config(None, ov + ["resume=true"])).run()
+
+
+def test_distillation_logs_kl_and_starts_at_zero_against_itself(tmp_path, model_dir):
+    """The default teacher is the source model, so before the first update the KL is 0 up to rounding."""
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 3, "train.distill.weight": 0.5})
+    Trainer(load_config(None, ov)).run()
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    first = [v for v in train[0]["domain_kl"].values() if v is not None]
+    assert first and max(abs(v) for v in first) < 1e-5
+    later = [v for v in train[-1]["domain_kl"].values() if v is not None]
+    assert max(later) > 1e-4  # the student moved away from its teacher
+    with pytest.raises(ConfigError, match="train.distill.weight"):
+        load_config(None, ov + ["train.distill.weight=2"])
+
+
+def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 6, "train.eval_every": 1}) + [
+        "pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
+        "pruning.hardening_steps=3"]
+    trainer = Trainer(load_config(None, ov))
+    seen = {}
+    original = trainer.train_step
+
+    def spy():
+        seen[trainer.step] = {k: v.detach().clone() for k, v in trainer.pruner.log_alpha.items()}
+        return original()
+
+    trainer.train_step = spy
+    trainer.run()
+    for step in (4, 5):  # hardening (steps 4-6): the masks no longer move
+        assert all(torch.equal(seen[3][s], seen[step][s]) for s in seen[3])
+    assert not all(torch.equal(seen[0][s], seen[3][s]) for s in seen[0])
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert all("lagrangian" in r for r in train[:3]) and not any("lagrangian" in r for r in train[3:])
+    evals = [r for r in records if r["kind"] == "eval" and r["step"] >= 4]
+    assert all(r["shape"]["num_hidden_layers"] == 2 for r in evals)  # evaluated at the exact shape
+    assert evals[-1]["mean_loss"] < evals[0]["mean_loss"] + 0.5  # training went on under the exact masks

@@ -16,17 +16,18 @@ from drpruning.loss import autocast, token_nll
 @torch.no_grad()
 def domain_nll(model: torch.nn.Module, sequences: list[torch.Tensor], batch_size: int = 8,
                dtype: torch.dtype | None = None, shard: tuple[int, int] = (0, 1),
-               collective: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per domain: summed next-token loss (nats) and predicted-token count of this rank's share, float64 on
-    the model's device (NCCL reduces device tensors only, and there is no host sync per batch).
+               collective: bool = False) -> torch.Tensor:
+    """Per domain [k, 5]: summed next-token loss (nats), predicted tokens, sequences, and the sum and sum of
+    squares of the sequences' mean losses, for this rank's share; float64 on the model's device (NCCL reduces
+    device tensors only, and there is no host sync per batch). Sum over ranks, then `loss_and_error`.
 
     `shard` = (rank, world): rank r scores sequences r, r + world, ... Under FSDP (`collective`) forwards are
     collective, so every rank runs as many batches as the busiest one; a rank out of sequences runs a
     throw-away one."""
     rank, world = shard
     device = next(model.parameters()).device
-    sums = torch.zeros(len(sequences), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(sequences), dtype=torch.float64, device=device)
+    # per domain: summed nats, tokens, sequences, and the sums of per-sequence mean losses and their squares
+    stats = torch.zeros(len(sequences), 5, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -43,11 +44,13 @@ def domain_nll(model: torch.nn.Module, sequences: list[torch.Tensor], batch_size
                 with autocast(device, dtype):
                     nll = token_nll(model, ids)
                 if not dummy:
-                    sums[d] += nll.double().sum()
-                    counts[d] += nll.numel()
+                    per_seq = nll.double().mean(dim=1)
+                    stats[d] += torch.stack([nll.double().sum(), torch.tensor(float(nll.numel()), device=device),
+                                             torch.tensor(float(len(ids)), device=device), per_seq.sum(),
+                                             per_seq.pow(2).sum()])
     finally:
         model.train(was_training)
-    return sums, counts
+    return stats
 
 
 def domain_losses(model: torch.nn.Module, sequences: dict[str, torch.Tensor], batch_size: int = 8,
@@ -59,13 +62,23 @@ def domain_losses(model: torch.nn.Module, sequences: dict[str, torch.Tensor], ba
     for name, seqs in sequences.items():
         if seqs.numel() == 0:
             raise ValueError(f"domain {name!r} has no evaluation sequences")
-    sums, counts = domain_nll(model, list(sequences.values()), batch_size, dtype)
+    stats = domain_nll(model, list(sequences.values()), batch_size, dtype)
+    losses, errors = loss_and_error(stats)
     results: dict[str, dict] = {}
-    for (name, seqs), total, tokens in zip(sequences.items(), sums.tolist(), counts.tolist(), strict=True):
-        loss = total / tokens
-        results[name] = {"loss": loss, "tokens": int(tokens), "ppl": math.exp(loss),
+    for (name, seqs), loss, se, row in zip(sequences.items(), losses, errors, stats.tolist(), strict=True):
+        results[name] = {"loss": loss, "stderr": se, "tokens": int(row[1]), "ppl": math.exp(loss),
                          "sequences": int(seqs.shape[0]), "sequence_tokens": int(seqs.numel())}
     return results
+
+
+def loss_and_error(stats: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per domain: the token-weighted mean loss, and the standard error of the mean over sequences (the
+    spread of the sequences' mean losses over sqrt(n); nan for a single sequence)."""
+    stats = stats.double().cpu()
+    loss = stats[:, 0] / stats[:, 1]
+    n, s1, s2 = stats[:, 2], stats[:, 3], stats[:, 4]
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    return loss.tolist(), torch.where(n > 1, (var.clamp_min(0) / n).sqrt(), torch.nan).tolist()
 
 
 def bits_per_unit(loss: float, sequence_tokens: int, units: int) -> float:

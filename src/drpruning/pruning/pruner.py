@@ -17,6 +17,8 @@ multipliers lambda1 / lambda2 *ascend* (a per-group `maximize=True`: torch optim
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,6 +60,7 @@ class Pruner(nn.Module):
         self.head_mode = cfg.head_mode
         self.warmup = warmup_steps(cfg, total_steps)
         self.exact = False
+        self.hardening = False
         self._seed = 0
         self._generator: torch.Generator | None = None
         src = self.source
@@ -211,12 +214,40 @@ class Pruner(nn.Module):
 
     def train(self, mode: bool = True) -> Pruner:
         self.exact = False
+        if mode and self.hardening:  # training forwards under the exact target masks, masks frozen
+            return self.eval(exact=True)
         return super().train(mode)
+
+    def harden(self, on: bool) -> None:
+        """The hardening phase: the weights train under the exact masks; no penalty, the masks stay put."""
+        self.hardening = bool(on)
+        if on:
+            self.eval(exact=True)
+
+    def penalty_step(self, step: int) -> dict:
+        """After the micro-batches' backward: average the masks' gradients over ranks, add the penalty's
+        gradient; returns the step's pruning record (empty while hardening)."""
+        if self.hardening:
+            return {}
+        self.average_grads()
+        penalty, record = self.penalty(step)
+        penalty.backward()
+        return {"lagrangian": float(penalty.detach()), **record}
 
     def eval(self, exact: bool = False) -> Pruner:
         super().train(False)
         self.exact = exact
         return self
+
+    @contextlib.contextmanager
+    def evaluating(self, exact: bool = False) -> Iterator[None]:
+        """Deterministic masks inside the block (expected size, or exact; exact while hardening), sampled ones
+        again after it."""
+        self.eval(exact=exact or self.hardening)
+        try:
+            yield
+        finally:
+            self.train()
 
     # ---- masks -----------------------------------------------------------------------------------
     def probabilities(self) -> dict[str, torch.Tensor]:
@@ -344,6 +375,7 @@ class Pruner(nn.Module):
     def shape_summary(self, exact: bool = False) -> dict[str, Any]:
         """The architecture the evaluation masks keep (expected size, or exact), the tie groups they cut
         through, and the target."""
+        exact = exact or self.hardening
         masks = self.deterministic_masks(exact=exact)
         src = self.source
         kept = {s: (m != 0).sum(-1) for s, m in masks.items()}

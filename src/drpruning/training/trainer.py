@@ -19,11 +19,11 @@ import torch
 
 from drpruning.config import ConfigError, RunConfig, save_config
 from drpruning.data import MixtureSampler, check_sources, initial_proportions, load_corpus
-from drpruning.evaluation.perplexity import domain_nll
-from drpruning.loss import autocast, autocast_dtype, token_nll
+from drpruning.evaluation.perplexity import domain_nll, loss_and_error
+from drpruning.loss import autocast, autocast_dtype, token_losses
 from drpruning.mixing import build_mixer
 from drpruning.models.loading import load_model, load_model_config, model_max_length, source_dtype
-from drpruning.models.shape import SHAPE_KEYS, source_shape
+from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.paths import follow_umask
 from drpruning.pruning import Pruner, attach, export_model
 from drpruning.pruning.importance import calibrate
@@ -31,6 +31,7 @@ from drpruning.training import checkpoint as ckpt
 from drpruning.training import distributed as dist
 from drpruning.training import parallel
 from drpruning.training.cpu_memory import keep_freed_memory
+from drpruning.training.distill import load_teacher
 from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_refusal
 from drpruning.training.metrics import MetricsLog, progress
 from drpruning.training.optim import build_optimizers, build_schedulers
@@ -55,8 +56,6 @@ class Trainer:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
         if cfg.pruning.enabled:
-            from drpruning.models.shape import resolve_target
-
             resolve_target(model_config, cfg.pruning)
         per_step = t.micro_batch_size * dist.world()
         if t.batch_size % per_step:
@@ -77,6 +76,7 @@ class Trainer:
         self.names = self.corpus.names
         self.initial = initial_proportions(cfg.data, self.names, self.corpus.train_tokens)
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        self.teacher = load_teacher(cfg, self.model, self.device) if t.distill.weight > 0 else None
 
         self.pruner = None
         if cfg.pruning.enabled:
@@ -98,20 +98,16 @@ class Trainer:
 
     def evaluate(self, exact: bool = False) -> list[float]:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
-        if self.pruner is not None:
-            self.pruner.eval(exact=exact)
-        sums, counts = domain_nll(self.model, self.corpus.eval, self.cfg.train.eval_batch_size, self.amp_dtype,
-                                  shard=(dist.rank(), dist.world()), collective=parallel.is_fsdp(self.model))
-        if self.pruner is not None:
-            self.pruner.train()
-        dist.all_reduce_sum(sums)
-        dist.all_reduce_sum(counts)
-        return (sums / counts).tolist()
+        with self.pruner.evaluating(exact) if self.pruner is not None else contextlib.nullcontext():
+            stats = domain_nll(self.model, self.corpus.eval, self.cfg.train.eval_batch_size, self.amp_dtype,
+                               shard=(dist.rank(), dist.world()), collective=parallel.is_fsdp(self.model))
+        losses, self.eval_se = loss_and_error(dist.all_reduce_sum(stats))
+        return losses
 
     def log_eval(self, losses: list[float], **extra) -> None:
         worst = int(np.argmax(losses))
         self.metrics.write("eval", step=self.step, tokens=sum(self.domain_tokens), **extra,
-                           eval_loss=dict(zip(self.names, losses)),
+                           eval_loss=dict(zip(self.names, losses)), eval_se=dict(zip(self.names, self.eval_se)),
                            eval_ppl={n: math.exp(min(x, 700.0)) for n, x in zip(self.names, losses)},
                            mean_loss=float(np.mean(losses)), worst_loss=losses[worst],
                            worst_domain=self.names[worst])
@@ -138,30 +134,32 @@ class Trainer:
         local = batch[dist.rank()::dist.world()]
         n_global = t.batch_size * (seq_len - 1)
         # per-domain sums stay on the device: NCCL reduces device tensors only, and no host sync per micro-batch
-        sums = torch.zeros(k, dtype=torch.float64, device=self.device)
-        counts = torch.zeros(k, dtype=torch.float64, device=self.device)
+        sums, kl_sums, counts = (torch.zeros(k, dtype=torch.float64, device=self.device) for _ in range(3))
+        w = t.distill.weight if self.teacher is not None else 0.0
         micro = [local[i:i + t.micro_batch_size] for i in range(0, len(local), t.micro_batch_size)]
+        if self.pruner is not None:  # the last pruning.hardening_steps train the weights under the exact masks
+            self.pruner.harden(self.step >= t.steps - self.cfg.pruning.hardening_steps)
         for j, chunk in enumerate(micro):
             ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
             domains = torch.tensor([d for d, _ in chunk], device=self.device)
             with parallel.maybe_no_sync(self.train_model, sync=j == len(micro) - 1):
                 with autocast(self.device, self.amp_dtype):
-                    nll = token_nll(self.train_model, ids)
+                    nll, kl = token_losses(self.train_model, ids, self.teacher, t.distill.temperature)
                 seq_sums = nll.sum(dim=1)
+                objective = seq_sums if kl is None else (1 - w) * seq_sums + w * kl.sum(dim=1)
                 # DDP averages gradients over ranks, so each rank's share is scaled by the world size
-                (seq_sums.sum() / n_global * dist.world()).backward()
+                (objective.sum() / n_global * dist.world()).backward()
             sums.index_add_(0, domains, seq_sums.detach().double())
+            if kl is not None:
+                kl_sums.index_add_(0, domains, kl.detach().sum(dim=1).double())
             counts.index_add_(0, domains, torch.full((len(chunk),), float(seq_len - 1), dtype=torch.float64,
                                                      device=self.device))
-        record: dict = {}
-        if self.pruner is not None:
-            self.pruner.average_grads()
-            penalty, prune_log = self.pruner.penalty(self.step)
-            penalty.backward()
-            record.update(lagrangian=float(penalty.detach()), **prune_log)
-        dist.all_reduce_sum(sums)
-        dist.all_reduce_sum(counts)
+        record = self.pruner.penalty_step(self.step) if self.pruner is not None else {}
+        for x in (sums, kl_sums, counts):
+            dist.all_reduce_sum(x)
         domain_loss = (sums / counts).tolist()  # nan for a domain absent from the batch
+        if self.teacher is not None:  # the mixer's signal stays the cross-entropy
+            record["domain_kl"] = dict(zip(self.names, (kl_sums / counts).tolist()))
         loss = float(sums.sum() / counts.sum())
         weights = self.optimizers["weights"]
         norm = torch.nn.utils.clip_grad_norm_(weights.param_groups[0]["params"], t.grad_clip)
@@ -260,7 +258,7 @@ class Trainer:
             postfix = {"loss": f"{record['loss']:.3f}"}
             if self.step % t.eval_every == 0 or last:
                 postfix["worst"] = f"{max(self.evaluate_and_mix(last)):.3f}"
-            if self.pruner is not None:
+            if "expected_params" in record:
                 postfix["params"] = f"{record['expected_params'] / 1e6:.1f}M"
             bar.set_postfix(postfix)
             bar.update(1)

@@ -1,5 +1,6 @@
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -36,6 +37,12 @@ def test_domain_losses_equal_per_prefix_loop(kind):
         assert got[name]["loss"] == pytest.approx(loss, rel=1e-5)
         assert got[name]["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
         assert got[name]["sequence_tokens"] == s.numel()
+        means = [v / n for v, n in nats]  # independent: the standard error of the mean over sequences
+        if len(means) > 1:
+            sd = statistics.stdev(means)
+            assert got[name]["stderr"] == pytest.approx(sd / math.sqrt(len(means)), rel=1e-4)
+        else:
+            assert math.isnan(got[name]["stderr"])
 
 
 def test_summarize_bits_per_byte_by_hand():
