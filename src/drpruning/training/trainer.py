@@ -27,6 +27,7 @@ from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.paths import follow_umask
 from drpruning.pruning import Pruner, attach, export_model
 from drpruning.pruning.importance import calibrate
+from drpruning.pruning.summary import shape_summary
 from drpruning.training import checkpoint as ckpt
 from drpruning.training import distributed as dist
 from drpruning.training import parallel
@@ -114,7 +115,7 @@ class Trainer:
 
     def evaluate_and_mix(self, last: bool) -> list[float]:
         losses = self.evaluate(exact=last)
-        self.log_eval(losses, **({"shape": self.pruner.shape_summary(last)} if self.pruner is not None else {}))
+        self.log_eval(losses, **({"shape": shape_summary(self.pruner, last)} if self.pruner is not None else {}))
         if self.main:
             sparsity = self.pruner.expected_sparsity() if self.pruner is not None else None
             record = self.mixer.update(self.step, losses, list(self.domain_tokens), sparsity)
@@ -277,14 +278,14 @@ class Trainer:
         if self.main:
             if self.pruner is not None:
                 export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
-                shape = self.pruner.target
+                shape, extra = self.pruner.target, {"tie_groups": self.pruner.tie_groups(exact=True)}
             else:
                 model.to(self.save_dtype or next(model.parameters()).dtype).save_pretrained(out)
                 self.tokenizer.save_pretrained(out)
                 follow_umask(out)
-                shape = source_shape(self.model.config)
+                shape, extra = source_shape(self.model.config), {}
             self.metrics.write("final", step=self.step, model_dir=str(out),
-                               shape={key: getattr(shape, key) for key in SHAPE_KEYS})
+                               shape={key: getattr(shape, key) for key in SHAPE_KEYS}, **extra)
         dist.barrier()
         return out
 
