@@ -47,9 +47,10 @@ def run_demo(out: Path, quick: bool = False) -> Path:
     from drpruning.report import write_report
 
     source = fetch_model("smollm2-135m")
-    # quick (the smoke test): a few steps, one checkpoint kept at a time (each is ~1.6 GB)
+    # quick (the smoke test): a few steps, one checkpoint kept at a time (each is ~1.6 GB); 6 steps to the
+    # target can leave a model at the uniform-loss level, which it exports anyway (force) to test the machinery
     shrink = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=1",
-              "pruning.lagrangian_warmup_steps=2"] if quick else []
+              "pruning.lagrangian_warmup_steps=2", "force=true"] if quick else []
     shrink_cpt = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
                   "train.keep_checkpoints=1"] if quick else []
     pruned = _stage("demo_prune.yaml", out / "prune", [f"model.source={source}", *shrink])
