@@ -17,7 +17,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "helpers"))
-from runs import make_domains  # noqa: E402
+from run_helpers import make_domains  # noqa: E402
 from tiny_models import save_tiny  # noqa: E402
 
 ASSET = HERE / "assets" / "tiny_llama_cpu.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from runs import overrides, strip
+from run_helpers import overrides, strip
 from safetensors.torch import load_file
 from tiny_models import save_tiny
 

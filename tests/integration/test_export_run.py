@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from runs import overrides
+from run_helpers import overrides
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import overrides
 from tiny_models import save_tiny
 
 from drpruning.cli import main
 from drpruning.config import ConfigError, load_config
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer, TrainingError
-from runs import overrides
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import overrides, strip
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +19,6 @@ from drpruning.data.sampler import MixtureSampler
 from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
-from runs import overrides, strip
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
