@@ -40,6 +40,7 @@ from drpruning.pruning.importance import initial_log_alpha
 
 STRUCTURES = ("layer", "head", "intermediate", "hidden")
 INIT_SEED = 1234  # a fixed-seed CPU generator draws the initial log-alphas: every rank starts the same
+SATURATED_FLOOR = float(1 - prob_nonzero(torch.tensor(LOG_ALPHA_MAX)))  # 1 - P of a unit at the top: 0.2%
 
 
 class Pruner(nn.Module):
@@ -269,8 +270,7 @@ class Pruner(nn.Module):
             if exact:
                 out[s] = torch.full(a.shape[:-1], size - kept, dtype=torch.long, device=a.device)
                 continue
-            floor = 1 - prob_nonzero(torch.tensor(LOG_ALPHA_MAX))
-            expected = (1 - probs[s]).sum(-1) - size * float(floor)
+            expected = (1 - probs[s]).sum(-1) - size * SATURATED_FLOOR
             out[s] = torch.round(expected).long().clamp(0, size - kept)
         return out
 

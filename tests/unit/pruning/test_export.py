@@ -105,19 +105,24 @@ def test_source_untouched_tied_stays_tied_and_unscaled(tmp_path):
     assert torch.equal(small.model.embed_tokens.weight, before["model.embed_tokens.weight"][:, dims])
 
 
-def test_qwen2_per_layer_attention_kinds_follow_kept_layers(tmp_path):
-    model = tiny_model("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
-    kinds = list(model.config.layer_types)
+def _export_keeping_layers(model, gates, out):
+    """Export with only layer pruning and the given layer gates; (compact model, masked logits, input)."""
     cfg = PruningConfig(enabled=True, target={"num_hidden_layers": 2}, structures=["layer"])
     pruner = Pruner(model.config, cfg, 10)
     with torch.no_grad():
-        pruner.log_alpha["layer"].copy_(torch.tensor([3.0, -2.0, -3.0, 2.0]))  # keep layers 0 and 3
+        pruner.log_alpha["layer"].copy_(torch.tensor(gates))
     attach(model, pruner)
     pruner.eval(exact=True)
     x = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         masked = model(x).logits
-    small = AutoModelForCausalLM.from_pretrained(export_model(model, pruner, tmp_path / "q"))
+    return AutoModelForCausalLM.from_pretrained(export_model(model, pruner, out)), masked, x
+
+
+def test_qwen2_per_layer_attention_kinds_follow_kept_layers(tmp_path):
+    model = tiny_model("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    kinds = list(model.config.layer_types)
+    small, masked, x = _export_keeping_layers(model, [3.0, -2.0, -3.0, 2.0], tmp_path / "q")  # keep 0 and 3
     assert small.config.layer_types == [kinds[0], kinds[3]] == ["full_attention", "sliding_attention"]
     with torch.no_grad():
         assert (small(x).logits - masked).abs().max() < 1e-4  # sequence longer than the window
@@ -127,16 +132,7 @@ def test_smollm3_no_rope_layers_follow_kept_layers(tmp_path):
     """The family added as one adapter entry: its per-layer NoPE list is sliced like layer_types."""
     model = tiny_model("smollm3")
     assert model.config.no_rope_layers == [1, 1, 1, 0]
-    cfg = PruningConfig(enabled=True, target={"num_hidden_layers": 2}, structures=["layer"])
-    pruner = Pruner(model.config, cfg, 10)
-    with torch.no_grad():
-        pruner.log_alpha["layer"].copy_(torch.tensor([-3.0, 3.0, -2.0, 2.0]))  # keep layers 1 and 3
-    attach(model, pruner)
-    pruner.eval(exact=True)
-    x = torch.randint(0, 128, (1, 12))
-    with torch.no_grad():
-        masked = model(x).logits
-    small = AutoModelForCausalLM.from_pretrained(export_model(model, pruner, tmp_path / "s"))
+    small, masked, x = _export_keeping_layers(model, [-3.0, 3.0, -2.0, 2.0], tmp_path / "s")  # keep 1 and 3
     assert small.config.no_rope_layers == [1, 0]
     with torch.no_grad():
         assert (small(x).logits - masked).abs().max() < 1e-4
