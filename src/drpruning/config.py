@@ -35,7 +35,8 @@ class DataConfig:
     eval_sequences: int = 8  # held-out sequences per domain (from documents disjoint from training)
     eval_fraction: float = 0.1  # share of documents held out for evaluation, at most
     max_documents: int | None = None  # cap documents read per domain (quick runs)
-    cache_dir: str | None = None  # tokenised-sequence cache; None: $DRPRUNING_CACHE/tokens (~/.cache/drpruning)
+    cache_dir: str | None = None  # prepared token files; None: $DRPRUNING_CACHE/tokens (~/.cache/drpruning)
+    num_proc: int | None = None  # tokeniser processes for `prepare`; None: all cores
 
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
     eval_batch_size: int = 8
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or gradient norm before the run stops
     distill: DistillConfig = field(default_factory=DistillConfig)  # distillation from a frozen teacher
+    # recompute each decoder layer's activations in backward instead of keeping them (memory for time)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -125,6 +128,19 @@ def warmup_steps(p: PruningConfig, steps: int) -> int:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # set to log to Weights & Biases
+    mode: str = "offline"  # offline (files under RUN_DIR/wandb, sync later) | online
+
+
+@dataclass
+class LogConfig:
+    """Sinks besides RUN_DIR/metrics.jsonl (always written); rank 0 only, the same records."""
+    tensorboard: bool = False  # event files under RUN_DIR/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     resume: Any = False  # true: continue the run in run_dir (refused when it has no checkpoint); false: start;
     # auto: continue when run_dir has a checkpoint, else start (for schedulers that restart jobs blindly)
     force: bool = False  # export a model even when its held-out loss says the run diverged
@@ -242,6 +259,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'resume' is {cfg.resume!r}: use true, false or auto")
     if not (isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 1):
         raise ConfigError(f"config key 'train.max_bad_steps' must be an integer >= 1, got {t.max_bad_steps!r}")
+    if cfg.log.wandb.mode not in ("offline", "online"):
+        raise ConfigError(f"config key 'log.wandb.mode' is {cfg.log.wandb.mode!r}: use offline or online")
+    if d.num_proc is not None and not (isinstance(d.num_proc, int) and d.num_proc >= 1):
+        raise ConfigError(f"config key 'data.num_proc' must be an integer >= 1 (or null: all cores), "
+                          f"got {d.num_proc!r}")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"config key 'parallel' is {cfg.parallel!r}: use ddp or fsdp")
     if p.enabled:

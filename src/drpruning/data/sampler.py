@@ -3,15 +3,48 @@
 Every rank draws the same global batch (same seed, same proportions) and keeps its own shard, so ranks never
 overlap and a run resumes identically with any world size. Within a domain, sequences are visited in a seeded
 permutation without reuse; an exhausted domain starts a new permutation (one warning per domain).
+
+The permutation is a keyed bijection (`shuffled_index`), computed per draw: nothing of size n is stored, so
+memory and the resume state stay small for billions of sequences.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
 
 log = logging.getLogger(__name__)
+MASK64 = (1 << 64) - 1
+ROUNDS = 4  # a 4-round Feistel network with pseudo-random round functions is a pseudo-random permutation
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a cheap, well-spread 64-bit hash."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & MASK64
+    return x ^ (x >> 31)
+
+
+def permutation_keys(*parts: int) -> list[int]:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(ROUNDS)]
+
+
+def shuffled_index(i: int, n: int, keys: list[int]) -> int:
+    """The i-th element of a keyed permutation of range(n): a Feistel network over the smallest even number
+    of bits covering n, cycle-walked back into range (fewer than 4 rounds on average)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
 
 
 class MixtureSampler:
@@ -24,11 +57,10 @@ class MixtureSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.position = [0] * len(sizes)
         self.epoch = [0] * len(sizes)
-        self._orders = [self._order(d) for d in range(len(sizes))]
+        self._keys = [self._order(d) for d in range(len(sizes))]
 
-    def _order(self, domain: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + domain * 10_007 + self.epoch[domain])
-        return torch.randperm(self.sizes[domain], generator=g)
+    def _order(self, domain: int) -> list[int]:
+        return permutation_keys(self.seed, domain, self.epoch[domain])
 
     def _take(self, domain: int) -> int:
         if self.position[domain] == self.sizes[domain]:
@@ -37,8 +69,8 @@ class MixtureSampler:
                             self.names[domain], self.sizes[domain])
             self.epoch[domain] += 1
             self.position[domain] = 0
-            self._orders[domain] = self._order(domain)
-        index = int(self._orders[domain][self.position[domain]])
+            self._keys[domain] = self._order(domain)
+        index = shuffled_index(self.position[domain], self.sizes[domain], self._keys[domain])
         self.position[domain] += 1
         return index
 
@@ -60,4 +92,4 @@ class MixtureSampler:
         self.generator.set_state(state["generator"])
         self.position = list(state["position"])
         self.epoch = list(state["epoch"])
-        self._orders = [self._order(d) for d in range(len(self.sizes))]
+        self._keys = [self._order(d) for d in range(len(self.sizes))]

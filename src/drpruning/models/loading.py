@@ -265,9 +265,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(source: str, dtype: torch.dtype | str = torch.float32):
-    """Load (model, tokenizer) from a known name, folder, .gguf file or hub id; the model is in eval mode."""
-    config, path, kwargs = load_model_config(source)
+def _tokenizer(source: str, config: PretrainedConfig, path: str, kwargs: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, TypeError) as e:
@@ -275,13 +273,26 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32):
             raise _offline_error(source) from None
         raise ModelSourceError(f"{source!r} has no usable tokenizer ({str(e).splitlines()[0]}): save the "
                                "tokenizer into the model folder (tokenizer.save_pretrained)") from None
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=_as_dtype(dtype), **kwargs)
-    if "gguf_file" in kwargs:
-        _drop_gguf_quantization(model)
     # Packing needs a separator and batching a pad id; a tokenizer may lack both.
     sep = separator_token_id(tokenizer, config)
     if tokenizer.eos_token_id is None and sep is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(sep)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model source alone (no weights are read), as `load_model` sets it up."""
+    config, path, kwargs = load_model_config(source)
+    return _tokenizer(source, config, path, kwargs)
+
+
+def load_model(source: str, dtype: torch.dtype | str = torch.float32):
+    """Load (model, tokenizer) from a known name, folder, .gguf file or hub id; the model is in eval mode."""
+    config, path, kwargs = load_model_config(source)
+    tokenizer = _tokenizer(source, config, path, kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=_as_dtype(dtype), **kwargs)
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantization(model)
     return model.eval(), tokenizer

@@ -55,3 +55,32 @@ def test_shards_do_not_overlap():
     batch = s.next_batch([0.5, 0.5], 8)
     shards = [batch[r::2] for r in range(2)]
     assert sorted(shards[0] + shards[1]) == sorted(batch) and not set(shards[0]) & set(shards[1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_shuffled_index_is_a_permutation(n):
+    from drpruning.data.sampler import permutation_keys, shuffled_index
+
+    keys = permutation_keys(5, 1, 0)
+    assert sorted(shuffled_index(i, n, keys) for i in range(n)) == list(range(n))
+
+
+def test_permutation_is_shuffled_and_differs_per_epoch():
+    from drpruning.data.sampler import permutation_keys, shuffled_index
+
+    n = 1000
+    a = [shuffled_index(i, n, permutation_keys(0, 0, 0)) for i in range(n)]
+    b = [shuffled_index(i, n, permutation_keys(0, 0, 1)) for i in range(n)]
+    assert a != b
+    # far from the identity: few fixed points (a random permutation has ~1) and no long sorted runs
+    assert sum(x == i for i, x in enumerate(a)) < 10
+    assert sum(a[i] < a[i + 1] for i in range(n - 1)) < 0.6 * n
+
+
+def test_sampler_memory_does_not_grow_with_domain_size():
+    import sys
+
+    s = MixtureSampler([10**12], seed=0)  # a trillion sequences: a stored permutation would need 8 TB
+    batch = s.next_batch([1.0], 4)
+    assert len({i for _, i in batch}) == 4 and all(0 <= i < 10**12 for _, i in batch)
+    assert sys.getsizeof(s._keys[0]) < 1000
