@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(PIP_TORCH)
-	$(VENV)/bin/python -m pip install -q -e ".[dev,eval]"
+	$(VENV)/bin/python -m pip install -q -e ".[dev,eval,log]"
 	touch $(STAMP)
 
 demo: venv

@@ -52,6 +52,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         t = cfg.train
         # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main, cfg=cfg)  # log sinks' packages
         model_config, _, _ = load_model_config(cfg.model.source)
         if cfg.data.seq_len > model_max_length(model_config):
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
@@ -94,7 +95,6 @@ class Trainer:
         self.step = 0
         self.domain_tokens = [0] * len(self.names)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
         self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
 
     def evaluate(self, exact: bool = False) -> list[float]:
