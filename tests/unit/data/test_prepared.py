@@ -176,3 +176,32 @@ def test_windows_read_only_what_they_index(tmp_path):
     assert torch.equal(w[2], torch.arange(128, 192)) and torch.equal(w[-1], torch.arange(896, 960))
     with pytest.raises(IndexError):
         w[15]
+
+
+def test_a_torn_prepared_folder_given_as_a_source_is_refused(tmp_path):
+    tok, folder = tiny_tokenizer(), _write_jsonl(tmp_path / "d", _docs(50))
+    built = prep.prepare_domain("d", str(folder), tok, _cfg(tmp_path, folder))
+    with open(built / "eval.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ConfigError, match="unusable .*eval.bin holds"):
+        load_corpus(DataConfig(domains={"d": str(built)}, seq_len=16, eval_sequences=3), tok)
+
+
+def test_prepare_command_builds_once_and_training_reuses_it(tmp_path, capsys):
+    from tiny_models import save_tiny
+
+    from drpruning.cli import main
+
+    model = save_tiny(tmp_path / "model")
+    folder = _write_jsonl(tmp_path / "d", _docs(80))
+    args = ["prepare", f"model.source={model}", f"data.domains={{d: {folder}}}", "data.seq_len=16",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    name, path = capsys.readouterr().out.strip().split("\t")
+    index = json.loads((tmp_path / "cache" / path.rsplit("/", 1)[-1] / "index.json").read_text())
+    assert name == "d" and index["tokens"]["train"] > 0
+    mtime = os.stat(f"{path}/train.bin").st_mtime_ns
+    cfg = DataConfig(domains={"d": str(folder)}, seq_len=16, cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(cfg, tiny_tokenizer())
+    assert corpus.train_tokens[0] == index["tokens"]["train"] // 16 * 16
+    assert os.stat(f"{path}/train.bin").st_mtime_ns == mtime  # reused, not rebuilt
