@@ -205,3 +205,16 @@ def test_prepare_command_builds_once_and_training_reuses_it(tmp_path, capsys):
     corpus = load_corpus(cfg, tiny_tokenizer())
     assert corpus.train_tokens[0] == index["tokens"]["train"] // 16 * 16
     assert os.stat(f"{path}/train.bin").st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_concurrent_builders_build_once_and_share_the_folder(tmp_path, caplog):
+    """Two builders (two ranks, or two nodes on a shared file system) ask for the same folder at once: one
+    builds it, the other waits for it. Threads here: the lock is a file, the same between processes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, folder = tiny_tokenizer(), _write_jsonl(tmp_path / "d", _docs(3000))
+    cfg = _cfg(tmp_path, folder)
+    with caplog.at_level("INFO"), ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: prep.prepare_domain("d", str(folder), tok, cfg, num_proc=1), range(2)))
+    assert results[0] == results[1] and prep.problem(results[0]) is None
+    assert sum("prepared:" in r.message for r in caplog.records) == 1  # built by exactly one of them
