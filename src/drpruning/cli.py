@@ -93,6 +93,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="processes (devices) the run will use (default 1)")
+    p.add_argument("--device-memory", type=float, metavar="GB",
+                   help="memory per device in GB (1e9 bytes); default: the CUDA device's total, else 80")
+    p.add_argument("--cpu", action="store_true", help="plan for this machine's CPU (its available RAM)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from drpruning.config import load_config
+    from drpruning.plan import format_plan, make_plan
+
+    # options may also follow the config and overrides (`plan CONFIG --nproc 8`): parse what remained
+    inner = argparse.ArgumentParser(prog="drpruning plan")
+    inner.add_argument("items", nargs="*")
+    _plan_options(inner)
+    inner.set_defaults(nproc=args.nproc, device_memory=args.device_memory, cpu=args.cpu)
+    args = inner.parse_intermixed_args(args.items)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give the number of processes, at least 1")
+    config, overrides = _config_and_overrides(args)
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides = ["run_dir=unused", *overrides]  # a plan writes nothing
+    plan = make_plan(load_config(config, overrides), world=args.nproc, memory_gb=args.device_memory,
+                     device="cpu" if args.cpu else "cuda")
+    print(format_plan(plan))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from drpruning.demo import run_demo
 
@@ -158,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("--out", help="output folder (default: the first run directory)")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("plan", help="parameters, tokens, memory per device and disk of a run, before it starts",
+                       description="Print what a train/prune config needs (computed from the model config; no "
+                                   "weights are read): parameter counts, tokens, memory per device for the "
+                                   "world size and parallel mode, disk, warnings and whether it fits. "
+                                   "A config with pruning.enabled=true plans the pruning run. " + EPILOG)
+    _plan_options(s)
+    s.add_argument("items", nargs=argparse.REMAINDER, metavar="CONFIG.yaml [key=value ...]",
+                   help="the run's YAML config and/or overrides (run_dir is not needed)")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("demo", help="the embedded default end to end: fetch, prune, continue, evaluate, report",
                        description="Fetch SmolLM2-135M, prune it with DRPruning mixing on the embedded corpus, "

@@ -25,6 +25,7 @@ from drpruning.mixing import build_mixer
 from drpruning.models.loading import load_model, load_model_config, model_max_length, source_dtype
 from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.paths import follow_umask
+from drpruning.plan import check_memory
 from drpruning.pruning import Pruner, attach, export_model
 from drpruning.pruning.importance import calibrate
 from drpruning.pruning.summary import shape_summary
@@ -59,6 +60,7 @@ class Trainer:
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
         if cfg.pruning.enabled:
             resolve_target(model_config, cfg.pruning)
+        check_memory(cfg, model_config, self.device, dist.world())  # refuse what cannot fit (drpruning plan)
         per_step = t.micro_batch_size * dist.world()
         if t.batch_size % per_step:
             raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x ranks "

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU check for one GPU, expected well under its 5-minute budget (not yet run: no GPU was available to write
+# it; a 280 s timeout stops it): pruning vs plain training steps on a random ~1B Llama
+# (hidden 2048, 16 layers, 32 heads / 8 KV, FFN 5632, vocab 32000; built in-process, nothing downloaded) in
+# bf16 autocast, one process under torchrun (NCCL initialisation included). Prints tokens/s of each and their
+# ratio, peak CUDA memory against `drpruning plan`'s estimate, and the activation formula against what
+# autograd saves on this GPU's attention kernel. See bench/gpu_check.py.
+#
+#   bash bench/gpu_check.sh                       # on the GPU machine, from the checkout
+#   GPU_CHECK_SHAPE=tiny bash bench/gpu_check.sh  # the same code on a tiny shape: a CPU dry run (gloo, float32)
+#
+# Python: $PYTHON, else .venv/bin/python, else python3 (with torch and transformers); drpruning from src/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+start=$(date +%s)
+timeout 280 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/gpu_check.py
+echo "gpu_check: $(( $(date +%s) - start )) s"
