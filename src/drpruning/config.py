@@ -151,7 +151,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     resume: Any = False  # true: continue the run in run_dir (refused when it has no checkpoint); false: start;
     # auto: continue when run_dir has a checkpoint, else start (for schedulers that restart jobs blindly)
-    force: bool = False  # export a model even when its held-out loss says the run diverged
+    force: bool = False  # start a run the memory plan refuses; export a model whose held-out loss diverged
     parallel: str = "ddp"  # ddp | fsdp (only under torchrun)
 
 
