@@ -14,13 +14,13 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def token_losses(model: torch.nn.Module, input_ids: torch.Tensor, teacher: torch.nn.Module | None = None,
                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(next-token cross-entropy, KL from `teacher`'s next-token distribution or None), each [B, T - 1]."""
-    logits = model(input_ids=input_ids).logits[:, :-1]
-    nll = nll_from_logits(logits, input_ids[:, 1:])
+    logits = model(input_ids=input_ids).logits
+    nll = nll_from_logits(logits, input_ids[:, 1:])  # the last position's logits are ignored, not sliced off
     if teacher is None:
         return nll, None
     with torch.no_grad():
         target = teacher(input_ids=input_ids).logits[:, :-1]
-    return nll, distill_kl(logits, target, temperature)
+    return nll, distill_kl(logits[:, :-1], target, temperature)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -48,12 +48,63 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-CHUNK_ROWS = 1024  # tokens per distillation chunk: bounds the float32 [tokens, vocab] temporaries
+CHUNK_ROWS = 1024  # tokens per loss chunk: bounds the float32 [tokens, vocab] temporaries
 
 
-def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of next-token `logits` [B, T, V] against `targets` [B, T], per token, in float32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+def _spans(shape: torch.Size, rows: int) -> list[tuple[int, slice]]:
+    """(sequence, token slice) pieces of at most `rows` tokens covering a [B, T, ...] tensor. A piece of
+    logits[b] is a view; flattening logits[:, :-1] to [B * (T - 1), V] first would copy all of it."""
+    return [(b, slice(i, min(i + rows, shape[1]))) for b in range(shape[0]) for i in range(0, shape[1], rows)]
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """Per-token cross-entropy, `rows` tokens at a time in float32, whatever the logits' dtype.
+
+    Forward keeps the logits themselves (no copy) for backward, which recomputes each chunk's float32
+    log-softmax and writes its gradient into the logits' gradient, in the logits' dtype. So float32
+    [tokens, vocab] tensors exist for one chunk at a time (its float32 copy and log-softmax in forward; the
+    log-softmax and two gradients in backward), where autograd through F.cross_entropy on all the logits
+    keeps a full float32 log-softmax and makes full float32 copies and gradients. Each chunk runs torch's
+    own cross-entropy, forward and backward, and rows are computed independently: values and gradients are
+    those of F.cross_entropy on a float32 copy of all the logits (bit for bit on the development CPU: the
+    stored golden loss curve did not move)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        nll = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+            for b, span in _spans(targets.shape, rows):
+                nll[b, span] = F.cross_entropy(logits[b, span].float(), targets[b, span], reduction="none")
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad[:, targets.shape[1]:].zero_()  # positions past the targets (the last one's logits) predict nothing
+        with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
+            for b, span in _spans(targets.shape, ctx.rows):
+                # the leaf is the logits' own chunk: its float32 copy is not kept once the log-softmax exists
+                x = logits[b, span].detach().requires_grad_()
+                nll = F.cross_entropy(x.float(), targets[b, span], reduction="none")
+                grad[b, span] = torch.autograd.grad(nll, x, grad_nll[b, span])[0]
+        return grad, None, None
+
+
+def nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Cross-entropy of next-token `logits` [B, T', V] against `targets` [B, T], per token, in float32.
+
+    Positions from T on (T' >= T) are ignored, so a model's logits can be passed whole, without the
+    slice `logits[:, :T]` whose backward would allocate a second full-size gradient. The same function for
+    training and evaluation; `chunk_rows` tokens at a time, so memory beyond the logits and their gradient
+    is a few float32 [chunk_rows, V] tensors (see `_ChunkedNLL`)."""
+    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[0] != targets.shape[0] \
+            or logits.shape[1] < targets.shape[1]:
+        raise ValueError(f"logits [B, T' >= T, V] and targets [B, T] expected, got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    return _ChunkedNLL.apply(logits, targets.long(), chunk_rows)
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

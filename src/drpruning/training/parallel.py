@@ -59,6 +59,22 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Modu
     raise ValueError(f"parallel={parallel!r}: use ddp or fsdp")
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """`train.activation_checkpointing`: each decoder layer keeps only its input for backward and recomputes
+    its forward there (transformers' per-layer checkpointing, non-reentrant `torch.utils.checkpoint`).
+
+    Called on the plain model, before `wrap_model` (a DDP wrapper does not have the method). transformers
+    checkpoints the layer's `forward`, inside the module's hooks, so FSDP2's per-layer hooks run once per
+    layer and are not replayed by the recompute. Non-reentrant checkpointing lets gradients reach tensors a
+    layer reads without taking them as inputs: the pruning masks, sampled once per forward by the decoder's
+    pre-hook (outside every layer, so never re-sampled; docs/method.md §2.2) and read from
+    `MaskedModel.current` by the recomputed layer, which therefore needs each backward to run before the
+    model's next forward (the training loop does). Only active in train mode with gradients enabled
+    (transformers checks both): evaluation, calibration and a frozen teacher run as before."""
+    # `gradient_checkpointing_enable` is a deprecated alias of this in transformers 5 (FutureWarning)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 class maybe_no_sync:
     """DDP's no_sync for all but the last micro-batch (one gradient all-reduce per step); a no-op otherwise."""
 

@@ -90,6 +90,8 @@ class Trainer:
         final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
+        if t.activation_checkpointing:  # on the plain model, before DDP / FSDP wrap it (same numbers, less memory)
+            parallel.enable_activation_checkpointing(self.model)
         self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device) if dist.world() > 1 \
             else self.model
         self.optimizers = build_optimizers(self.train_model, self.pruner, t)
