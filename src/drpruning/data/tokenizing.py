@@ -63,13 +63,14 @@ def encode_batches(tokenizer, batches: Iterable[tuple[int, list[str]]], sep: int
                    num_proc: int) -> Iterator[tuple[int, np.ndarray]]:
     """(tag, tokens) for each (tag, texts) of `batches`, in the input order. `num_proc` > 1 tokenises in that
     many spawned processes (fork is unsafe once torch and the tokenizer's threads exist)."""
+    # a fast tokenizer's Rust backend alone: a worker then needs neither transformers nor torch, and no
+    # BatchEncoding is built per batch (in one process too, so that 1 and N processes compare like for like)
+    light = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
     if num_proc <= 1:
         with _single_threaded():
             for tag, texts in batches:
-                yield tag, encode(tokenizer, texts, sep, dtype)
+                yield tag, encode(light, texts, sep, dtype)
         return
-    # a fast tokenizer sends only its Rust backend: the worker then needs neither transformers nor torch
-    light = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
     with ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(light,)) as pool:
         pending: deque = deque()
