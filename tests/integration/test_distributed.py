@@ -22,8 +22,10 @@ from drpruning.config import load_config
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
 
-pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+# slow tier: each test launches torchrun runs of several processes (30 s each here), which would take half
+# of the default suite's 3 minutes; CI runs them with the slow tier
+pytestmark = [pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                 reason="needs torch.distributed with gloo"), pytest.mark.slow]
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 LAUNCH_TIMEOUT = 150  # seconds for one 2-process run; a hang fails the test instead of blocking CI

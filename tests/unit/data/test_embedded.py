@@ -64,6 +64,7 @@ def test_refuses_a_foreign_non_empty_folder(tmp_path):
         materialize_embedded_corpus(tmp_path)
 
 
+@pytest.mark.slow  # materialises every full domain (~15 s): in the slow tier, which CI runs too
 @pytest.mark.parametrize("name", DOMAINS)
 def test_each_domain_is_big_enough_for_a_demo(name):
     # a few hundred 256-token sequences per domain need roughly 300 KB of text

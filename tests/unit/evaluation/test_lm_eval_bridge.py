@@ -59,6 +59,7 @@ def test_task_config_per_shape(tmp_path):
     assert B.task_config(folder / "compl.jsonl")["output_type"] == "loglikelihood"
 
 
+@pytest.mark.slow  # a full lm-eval run (~17 s): in the slow tier, which CI runs too
 @needs_lm_eval
 def test_lm_eval_agrees_with_native_scores(tmp_path, offline):
     model_dir = save_tiny(tmp_path / "model")
