@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rss import MB, peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "redpajama-sample"
@@ -36,13 +37,6 @@ SHARED = ROOT.parent / "shared" / "data" / "redpajama-sample"
 def _parse_size(text: str) -> int:
     scale = {"K": 10**3, "M": 10**6, "B": 10**9}
     return int(float(text[:-1]) * scale[text[-1].upper()]) if text[-1].upper() in scale else int(text)
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_text_corpus(out: Path, megabytes: int) -> int:
@@ -73,7 +67,7 @@ def child_prepare(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - start
     index = json.loads((folder / "index.json").read_text())
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"tokens": index["tokens"]["train"], "wall_s": wall, "main_rss_mb": peak_rss_mb(),
+    print(json.dumps({"tokens": index["tokens"]["train"], "wall_s": wall, "main_rss_mb": peak_rss_bytes() / MB,
                       "worker_rss_mb": workers, "folder": str(folder)}))
 
 
@@ -126,7 +120,7 @@ def child_train(args: argparse.Namespace) -> None:
     records = [json.loads(x) for x in (Path(args.run) / "metrics.jsonl").read_text().splitlines()]
     times = [r["elapsed_s"] for r in records if r["kind"] == "train"]
     steps = [b - a for a, b in zip(times, times[1:])][2:]
-    print(json.dumps({"rss_mb": peak_rss_mb(), "step_s": statistics.median(steps)}))
+    print(json.dumps({"rss_mb": peak_rss_bytes() / MB, "step_s": statistics.median(steps)}))
 
 
 def bench_training(work: Path, sizes: list[int], steps: int) -> list[dict]:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rss import rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=4, head_dim=64, max_position_embeddings=512)
@@ -41,13 +43,6 @@ CASES = {
     "smollm2-ckpt": ("smollm2-135m", None, True),
     "smollm2-prune-ckpt": ("smollm2-135m", SMOL_TARGET, True),
 }
-
-
-def rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def overrides(case: str, source: str, run_dir: str, batch: int, micro: int, seq: int, steps: int) -> list[str]:
@@ -87,14 +82,14 @@ def child(items: list[str], steps: int, allocator: str) -> dict:
     def load_model(*args, **kw):
         # hand back the memory freed so far (the kept-freed heap would otherwise hide it in the baseline)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        marks["baseline"] = rss_now()
+        marks["baseline"] = rss_bytes()
         return real_load(*args, **kw)
 
     real_load = trainer_module.load_model
     trainer_module.load_model = load_model
     trainer_module.load_corpus = lambda *a, **k: corpus  # the data is part of the baseline
     tr = trainer_module.Trainer(cfg)
-    marks["after_init"] = rss_now()
+    marks["after_init"] = rss_bytes()
     tr.model.train()
     t0 = time.perf_counter()
     peaks = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from rss import MB, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def load(source: str, device: str):
@@ -43,26 +43,6 @@ def load(source: str, device: str):
 
         model, _ = load_model(source, torch.float32)
     return model.to(device)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so that model loading does not count (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def pruning_cfg(target_params: str):
@@ -119,13 +99,14 @@ def memory_variant(args) -> dict:
         attach(model, pruner)
         pruner.train()
     step = make_step(model, pruner, [weights] + ([masks_opt] if masks_opt else []), ids, args.device)
-    before = rss_mb()
+    before = rss_bytes() / MB
     reset_peak_rss()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     step(0)  # the first step also allocates gradients and optimizer state: the peak
     sync(args.device)
-    mem = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else peak_rss_mb() - before
+    cuda = args.device.startswith("cuda")
+    mem = torch.cuda.max_memory_allocated() / MB if cuda else peak_rss_bytes() / MB - before
     return {"memory_mb": mem}
 
 

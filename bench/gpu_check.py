@@ -20,7 +20,7 @@ from drpruning.config import PruningConfig, TrainConfig
 from drpruning.loss import autocast, token_losses
 from drpruning.models.shape import source_shape
 from drpruning.plan.estimate import Setup, estimate
-from drpruning.plan.memory import saved_bytes
+from drpruning.plan.memory import saved_bytes, saved_storages
 from drpruning.pruning import Pruner, attach
 from drpruning.training.optim import build_optimizers
 from drpruning.training.parallel import enable_activation_checkpointing
@@ -51,16 +51,7 @@ def make_model(shape: dict, device: torch.device, seq: int) -> torch.nn.Module:
 
 
 def measured_saved(model, ids, amp, exclude) -> int:
-    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *exclude]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen.setdefault(s.data_ptr(), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(ids.device, amp):
+    with saved_storages([*model.parameters(), *exclude]) as seen, autocast(ids.device, amp):
         model(input_ids=ids)
     return sum(seen.values())
 

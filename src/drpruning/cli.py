@@ -21,6 +21,14 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
     return config, items
 
 
+def _config_without_run(args: argparse.Namespace):
+    """The config for a command that writes no run (plan, prepare): run_dir is not needed."""
+    from drpruning.config import load_config
+
+    config, overrides = _config_and_overrides(args)
+    return load_config(config, ["run_dir=unused", *overrides])  # a run_dir given as an override still wins
+
+
 def cmd_train(args: argparse.Namespace, pruning: bool = False) -> int:
     from drpruning.config import load_config
     from drpruning.training.trainer import train
@@ -35,13 +43,10 @@ def cmd_train(args: argparse.Namespace, pruning: bool = False) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from drpruning.config import load_config
     from drpruning.data import check_sources, prepare_corpus
     from drpruning.models.loading import load_tokenizer
 
-    config, overrides = _config_and_overrides(args)
-    cfg = load_config(config, ["run_dir=unused", *overrides] if not any(
-        o.startswith("run_dir=") for o in overrides) else overrides)
+    cfg = _config_without_run(args)
     sources = check_sources(cfg.data.domains)
     for name, folder in prepare_corpus(cfg.data, load_tokenizer(cfg.model.source), sources).items():
         print(f"{name}\t{folder}")
@@ -101,7 +106,6 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from drpruning.config import load_config
     from drpruning.plan import format_plan, make_plan
 
     # options may also follow the config and overrides (`plan CONFIG --nproc 8`): parse what remained
@@ -112,10 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     args = inner.parse_intermixed_args(args.items)
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give the number of processes, at least 1")
-    config, overrides = _config_and_overrides(args)
-    if not any(o.startswith("run_dir=") for o in overrides):
-        overrides = ["run_dir=unused", *overrides]  # a plan writes nothing
-    plan = make_plan(load_config(config, overrides), world=args.nproc, memory_gb=args.device_memory,
+    plan = make_plan(_config_without_run(args), world=args.nproc, memory_gb=args.device_memory,
                      device="cpu" if args.cpu else "cuda")
     print(format_plan(plan))
     return 0

@@ -13,6 +13,7 @@ from tiny_models import save_tiny, tiny_model
 
 from drpruning.config import PruningConfig, load_config
 from drpruning.loss import token_losses
+from drpruning.plan.memory import saved_storages
 from drpruning.pruning import Pruner, attach
 from drpruning.training.parallel import decoder_layers, enable_activation_checkpointing
 from drpruning.training.trainer import Trainer
@@ -38,23 +39,16 @@ def one_step(checkpointing: bool, prune: bool, kind: str = "llama") -> dict:
         pruner.masks = lambda: samples.append(1) or sample()  # counts samples: once per forward, never again
     if checkpointing:
         enable_activation_checkpointing(model)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(model.parameters()) as saved:
         nll, _ = token_losses(model, ids)
         loss = nll.mean() + (pruner.penalty(0)[0] if pruner is not None else 0.0)
     loss.backward()
     grads = {f"model.{n}": p.grad for n, p in model.named_parameters()}
     if pruner is not None:
         grads.update({f"pruner.{n}": p.grad for n, p in pruner.named_parameters() if p.grad is not None})
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return {"loss": loss.detach(), "grads": grads, "samples": len(samples),
-            "saved": sum(b for ptr, b in saved.items() if ptr not in weights),
+            "saved": sum(saved.values()),
             "rng": pruner.rng_state() if pruner is not None else None}
 
 

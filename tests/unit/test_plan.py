@@ -20,7 +20,7 @@ from drpruning.models.shape import derive_config, resolve_target, shape_paramete
 from drpruning.plan import KNOWN_CONFIGS, check_memory, make_plan, read_model_config, setup_of
 from drpruning.plan.disk import data_disk
 from drpruning.plan.estimate import Setup, estimate, masked_linears
-from drpruning.plan.memory import parameter_counts, pruner_bytes, saved_bytes
+from drpruning.plan.memory import parameter_counts, pruner_bytes, saved_bytes, saved_storages
 from drpruning.pruning import Pruner, attach
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,16 +61,7 @@ def test_published_parameter_counts_of_the_paper_sources():
 
 def measured_saved(model, ids, amp, exclude=()) -> int:
     """Bytes autograd saves for backward in a forward (distinct storages, parameters excluded)."""
-    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *exclude]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen.setdefault(s.data_ptr(), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), amp):
+    with saved_storages([*model.parameters(), *exclude]) as seen, autocast(torch.device("cpu"), amp):
         model(input_ids=ids)
     return sum(seen.values())
 

@@ -53,17 +53,19 @@ def check_sources(domains: dict[str, str]) -> dict[str, str]:
     return resolved
 
 
+def prepared_folder(name: str, source: str, tokenizer, cfg: DataConfig) -> Path:
+    """A domain's prepared folder: the source itself when it is one, else the source prepared (once)."""
+    return Path(source).expanduser() if is_prepared(source) else prepare_domain(name, source, tokenizer, cfg)
+
+
 def load_domain(name: str, source: str, tokenizer, cfg: DataConfig) -> PreparedDomain:
-    """A domain's prepared tokens: a prepared folder given as the source, or the source prepared (once)."""
-    folder = Path(source).expanduser() if is_prepared(source) else prepare_domain(name, source, tokenizer, cfg)
-    return open_domain(folder, tokenizer, cfg.seq_len)
+    return open_domain(prepared_folder(name, source, tokenizer, cfg), tokenizer, cfg.seq_len)
 
 
 def prepare_corpus(cfg: DataConfig, tokenizer, sources: dict[str, str] | None = None) -> dict[str, Path]:
     """`drpruning prepare`: every domain's prepared folder, built where missing."""
     sources = sources or check_sources(cfg.domains)
-    return {name: Path(source).expanduser() if is_prepared(source) else prepare_domain(name, source, tokenizer, cfg)
-            for name, source in sources.items()}
+    return {name: prepared_folder(name, source, tokenizer, cfg) for name, source in sources.items()}
 
 
 def load_corpus(cfg: DataConfig, tokenizer, sources: dict[str, str] | None = None) -> Corpus:

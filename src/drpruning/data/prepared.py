@@ -178,7 +178,10 @@ def choose_held_out(name: str, source: str, cfg: DataConfig, heartbeat=lambda: N
 def _build(folder: Path, name: str, source: str, tokenizer, cfg: DataConfig, num_proc: int, lock: Path) -> None:
     part = folder.with_name(folder.name + ".partial")
     part.mkdir(parents=True, exist_ok=True)
-    heartbeat = lambda: os.utime(lock)  # noqa: E731
+
+    def heartbeat() -> None:  # tells waiting processes the builder is alive
+        os.utime(lock)
+
     progress_path = part / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if progress is None:

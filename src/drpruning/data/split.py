@@ -36,12 +36,8 @@ def split_pieces(doc: str, size: int = PIECE_CHARS) -> list[str]:
     return pieces
 
 
-def _order_key(name: str, text: str) -> str:
-    return hashlib.sha256(f"{name}\0{text}".encode()).hexdigest()
-
-
 def order_key(name: str, text: str) -> int:
-    """The document's place in the held-out order (the integer value of `_order_key`)."""
+    """The document's place in the held-out order: a hash of its text, so file order does not matter."""
     return int.from_bytes(hashlib.sha256(f"{name}\0{text}".encode()).digest(), "big")
 
 
@@ -55,7 +51,7 @@ def split_documents(name: str, docs: list[str], eval_tokens_wanted_chars: int,
         log.info("domain %s holds one document: its held-out text is %d-character pieces of it", name, PIECE_CHARS)
     if len(pieces) < 2:
         raise too_little_text(name, sum(map(len, docs)))
-    order = sorted(range(len(pieces)), key=lambda i: _order_key(name, pieces[i]))
+    order = sorted(range(len(pieces)), key=lambda i: order_key(name, pieces[i]))
     max_eval = max(1, int(eval_fraction * len(pieces)))
     held, chars = set(), 0
     for i in order:

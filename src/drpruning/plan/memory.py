@@ -21,6 +21,8 @@ Under FSDP these copies are of the gathered (full) weights, on every rank.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,3 +163,22 @@ def fsdp_unsharded_params(shape: Shape, counts: ParamCounts) -> int:
     resharded between forward and backward) and two decoder layers (the current one and the prefetched)."""
     per_layer = (counts.attention + counts.mlp) // shape.num_hidden_layers + 2 * shape.hidden_size
     return counts.embedding + counts.lm_head + shape.hidden_size + 2 * per_layer
+
+
+@contextlib.contextmanager
+def saved_storages(exclude: Iterable[Any] = ()) -> Iterator[dict[int, int]]:
+    """What autograd saves for backward inside the block, measured: {storage address: bytes}, each storage
+    once, those of `exclude` (e.g. the parameters) left out. The measurement the formulas above were fitted to."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen.setdefault(s.data_ptr(), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
