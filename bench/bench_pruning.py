@@ -1,11 +1,13 @@
 """Pruning-step cost and export speed-up, side by side, on one machine in one run.
 
     .venv/bin/python bench/bench_pruning.py --model /path/to/hf_folder [--batch 4 --seq 256 --steps 3]
+        [--dtype bfloat16|float32]
 
 Rows:
-- plain training step: forward + CE, backward, AdamW step (weights fp32, bf16 autocast);
-- pruning step: the same with masks attached (fresh sample every forward), the Lagrangian penalty added,
-  the mask/multiplier optimizer stepped and clamp_() called;
+- plain training step: forward + CE, backward, AdamW step (weights fp32, --dtype autocast; float32: none);
+- pruning step, for each `pruning.mask_samples`: the same with masks attached (a fresh sample every forward:
+  one per sequence, applied to the activations, or one per micro-batch, folded into the weights), the
+  Lagrangian penalty added, the mask/multiplier optimizer stepped and clamp_() called;
 - inference of the source model and of a model exported at the target shape (forward only, no grad).
 
 Speed: plain and pruning steps alternate on the same model in one process (the same machine load for
@@ -45,18 +47,25 @@ def load(source: str, device: str):
     return model.to(device)
 
 
-def pruning_cfg(target_params: str):
+MASK_SAMPLES = ("sequence", "micro_batch")
+
+
+def pruning_cfg(target_params: str, mask_samples: str = "sequence"):
     from drpruning.config import PruningConfig
 
-    return PruningConfig(enabled=True, target_params=target_params)
+    return PruningConfig(enabled=True, target_params=target_params, mask_samples=mask_samples)
 
 
-def make_step(model, pruner, opts, ids, device):
+def autocast(args):
+    dtype = getattr(torch, args.dtype)
+    return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+
+def make_step(model, pruner, opts, ids, args):
     """One optimizer step; with `pruner` the masks are attached, the penalty added and clamp_() called."""
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
     def step(i: int) -> None:
-        with amp:
+        with autocast(args):
             loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
             if pruner is not None:
                 loss = loss + pruner.penalty(i)[0]
@@ -70,19 +79,20 @@ def make_step(model, pruner, opts, ids, device):
     return step
 
 
-def setup(args, with_pruner: bool):
+def make_pruner(model, args, mask_samples: str):
+    from drpruning.pruning import Pruner
+
+    pruner = Pruner(model.config, pruning_cfg(args.target_params, mask_samples), total_steps=100, device=args.device)
+    pruner.seed(0)
+    return pruner, torch.optim.AdamW(pruner.optimizer_groups(), betas=(0.9, 0.95))
+
+
+def setup(args):
     torch.manual_seed(0)
     model = load(args.model, args.device).train()
     weights = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    pruner = masks_opt = None
-    if with_pruner:
-        from drpruning.pruning import Pruner
-
-        pruner = Pruner(model.config, pruning_cfg(args.target_params), total_steps=100, device=args.device)
-        pruner.seed(0)
-        masks_opt = torch.optim.AdamW(pruner.optimizer_groups(), betas=(0.9, 0.95))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device=args.device)
-    return model, pruner, weights, masks_opt, ids
+    return model, weights, ids
 
 
 def sync(device: str) -> None:
@@ -92,13 +102,15 @@ def sync(device: str) -> None:
 
 def memory_variant(args) -> dict:
     """Peak memory of one training step of one variant (own process: no shared allocator state)."""
-    model, pruner, weights, masks_opt, ids = setup(args, args.variant == "prune")
-    if pruner is not None:
+    model, weights, ids = setup(args)
+    pruner = masks_opt = None
+    if args.variant != "plain":
         from drpruning.pruning import attach
 
+        pruner, masks_opt = make_pruner(model, args, args.variant)
         attach(model, pruner)
         pruner.train()
-    step = make_step(model, pruner, [weights] + ([masks_opt] if masks_opt else []), ids, args.device)
+    step = make_step(model, pruner, [weights] + ([masks_opt] if masks_opt else []), ids, args)
     before = rss_bytes() / MB
     reset_peak_rss()
     if args.device.startswith("cuda"):
@@ -111,16 +123,18 @@ def memory_variant(args) -> dict:
 
 
 def timing(args) -> dict:
-    """Plain and pruning steps alternated on one model, so both see the same machine load; median per step."""
-    model, pruner, weights, masks_opt, ids = setup(args, True)
-    plain = make_step(model, None, [weights], ids, args.device)
-    prune = make_step(model, pruner, [weights, masks_opt], ids, args.device)
+    """Plain and pruning steps alternated on one model, so all see the same machine load; median per step."""
     from drpruning.pruning import attach
 
-    times: dict[str, list[float]] = {"plain": [], "prune": []}
+    model, weights, ids = setup(args)
+    steps = {"plain": (make_step(model, None, [weights], ids, args), None)}
+    for mode in MASK_SAMPLES:
+        pruner, masks_opt = make_pruner(model, args, mode)
+        steps[mode] = (make_step(model, pruner, [weights, masks_opt], ids, args), pruner)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.steps + 1):  # the first round warms up
-        for name, fn in (("plain", plain), ("prune", prune)):
-            if name == "prune":
+        for name, (fn, pruner) in steps.items():
+            if pruner is not None:
                 masked = attach(model, pruner)
                 pruner.train()
             sync(args.device)
@@ -129,7 +143,7 @@ def timing(args) -> dict:
             sync(args.device)
             if i:
                 times[name].append(time.perf_counter() - t0)
-            if name == "prune":
+            if pruner is not None:
                 masked.detach()
     tokens = args.batch * args.seq
     return {k: tokens / statistics.median(v) for k, v in times.items()}
@@ -160,7 +174,7 @@ def export_variant(args) -> dict:
         small = AutoModelForCausalLM.from_pretrained(export_model(model, pruner, d)).to(args.device).eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
     times: dict[str, list[float]] = {"source": [], "exported": []}
-    with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(args):
         for i in range(args.steps + 1):
             for name, m in (("source", model), ("exported", small)):
                 dt = forward_seconds(m, ids, args.device)
@@ -196,6 +210,8 @@ def child(args, variant: str) -> dict:
         args.target_params,
         "--threads",
         str(args.threads),
+        "--dtype",
+        args.dtype,
         *(["--default-malloc"] if args.default_malloc else []),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -211,6 +227,8 @@ def main() -> None:
     ap.add_argument("--target-params", default="60M", help="target for the pruning step and the export")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="autocast dtype (float32: no autocast; for CPUs without native bf16)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="CPU: keep glibc's default malloc (the trainer stops it returning memory to the OS)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -228,25 +246,25 @@ def main() -> None:
         print(json.dumps(result))
         return
     speed = child(args, "timing")
-    plain, prune = child(args, "plain"), child(args, "prune")
-    plain["tokens_per_s"], prune["tokens_per_s"] = speed["plain"], speed["prune"]
+    variants = {name: child(args, name) for name in ("plain", *MASK_SAMPLES)}
+    for name, v in variants.items():
+        v["tokens_per_s"] = speed[name]
     exp = child(args, "export")
     mem_kind = "max allocated" if args.device.startswith("cuda") else "peak RSS growth"
     print(
-        f"model {args.model}, batch {args.batch}x{args.seq}, {args.steps} timed steps, bf16 autocast, "
+        f"model {args.model}, batch {args.batch}x{args.seq}, {args.steps} timed steps, {args.dtype} autocast, "
         f"device {args.device}, threads {torch.get_num_threads()}, target {args.target_params}, "
         f"{'default' if args.default_malloc else 'kept-heap'} malloc "
         f"-> {exp['shape']}\n"
     )
+    plain = variants["plain"]
     print("| measure | plain | pruning / exported | ratio |\n|---|---|---|---|")
-    print(
-        f"| training tokens/s | {plain['tokens_per_s']:.0f} | {prune['tokens_per_s']:.0f} | "
-        f"{prune['tokens_per_s'] / plain['tokens_per_s']:.2f} |"
-    )
-    print(
-        f"| training memory, MiB ({mem_kind}) | {plain['memory_mb']:.0f} | {prune['memory_mb']:.0f} | "
-        f"{prune['memory_mb'] / plain['memory_mb']:.2f} |"
-    )
+    for mode in MASK_SAMPLES:
+        prune = variants[mode]
+        print(f"| training tokens/s, masks per {mode} | {plain['tokens_per_s']:.0f} | {prune['tokens_per_s']:.0f} | "
+              f"{prune['tokens_per_s'] / plain['tokens_per_s']:.2f} |")
+        print(f"| training memory, MiB ({mem_kind}), masks per {mode} | {plain['memory_mb']:.0f} | "
+              f"{prune['memory_mb']:.0f} | {prune['memory_mb'] / plain['memory_mb']:.2f} |")
     print(
         f"| inference tokens/s (source vs exported) | {exp['source_tokens_per_s']:.0f} | "
         f"{exp['exported_tokens_per_s']:.0f} | {exp['exported_tokens_per_s'] / exp['source_tokens_per_s']:.2f} |"

@@ -97,6 +97,9 @@ class MixingConfig:
 @dataclass
 class PruningConfig:
     enabled: bool = False
+    # l0: learn hard-concrete masks to the target (the paper's); importance: one shot, as Minitron: cut to the
+    # target by the calibration scores at step 0, then every step trains the weights under those fixed masks
+    method: str = "l0"
     # target shape: any of num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads,
     # intermediate_size; or target_params (e.g. "60M") from which a shape is derived
     target: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +124,9 @@ class PruningConfig:
     mask_schedule: str = "constant"
     mask_warmup_steps: int | None = None
     hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
+    # one mask sample per `sequence` of a micro-batch (masks applied to activations), or one per `micro_batch`
+    # (folded into the weights: cheaper, but a step averages only that many samples)
+    mask_samples: str = "sequence"
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
@@ -279,6 +285,14 @@ def validate(cfg: RunConfig) -> None:
                               f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
         if p.init not in ("uniform", "importance"):
             raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform or importance")
+        if p.method not in ("l0", "importance"):
+            raise ConfigError(f"config key 'pruning.method' is {p.method!r}: use l0 or importance")
+        if p.method == "importance" and p.init != "importance":
+            raise ConfigError("pruning.method=importance cuts by the calibration scores, but pruning.init is "
+                              "uniform: set pruning.init=importance (or pruning.method=l0)")
+        if p.mask_samples not in ("sequence", "micro_batch"):
+            raise ConfigError(f"config key 'pruning.mask_samples' is {p.mask_samples!r}: use sequence or "
+                              "micro_batch")
         if not 0 <= p.hardening_steps < t.steps:
             raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
                               f"train.steps ({t.steps})")

@@ -36,7 +36,8 @@ def one_step(checkpointing: bool, prune: bool, kind: str = "llama") -> dict:
         attach(model, pruner)
         pruner.train()
         sample = pruner.masks
-        pruner.masks = lambda: samples.append(1) or sample()  # counts samples: once per forward, never again
+        # counts samples: once per forward, never again in the recompute
+        pruner.masks = lambda batch=None: samples.append(1) or sample(batch)
     if checkpointing:
         enable_activation_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

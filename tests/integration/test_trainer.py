@@ -105,8 +105,13 @@ NEW_OPTIONS = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pr
                "train.activation_checkpointing=true", "log.tensorboard=true"]
 
 
-@pytest.mark.parametrize("method,extra", [("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS)],
-                         ids=["constant", "drpruning", "drpruning-prune-importance-distill"])
+ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
+            "train.distill.weight=0.5"]
+
+
+@pytest.mark.parametrize("method,extra", [("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS),
+                                          ("constant", ONE_SHOT)],
+                         ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill"])
 def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method, extra):
     common = {"train.steps": 8, "mixing.method": method, "train.dtype": "bfloat16"}
     whole = overrides(tmp_path / "a", model_dir, **common) + extra
@@ -205,3 +210,27 @@ def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
     evals = [r for r in records if r["kind"] == "eval" and r["step"] >= 4]
     assert all(r["shape"]["num_hidden_layers"] == 2 for r in evals)  # evaluated at the exact shape
     assert evals[-1]["mean_loss"] < evals[0]["mean_loss"] + 0.5  # training went on under the exact masks
+
+
+def test_one_shot_importance_prunes_at_step_zero_and_trains_under_fixed_masks(tmp_path, model_dir):
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 4, "train.eval_every": 2}) + [
+        "pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
+        "pruning.target.intermediate_size=32"]
+    trainer = Trainer(load_config(None, ov))
+    seen = {}
+    original = trainer.train_step
+
+    def spy():
+        seen[trainer.step] = trainer.pruner.deterministic_masks(exact=True)
+        return original()
+
+    trainer.train_step = spy
+    out = trainer.run()
+    assert all(torch.equal(seen[0][s], seen[3][s]) for s in seen[0])  # cut once, by the calibration scores
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["kind"] for r in records][:2] == ["calibration", "eval"]
+    assert not any("lagrangian" in r for r in records if r["kind"] == "train")
+    evals = [r for r in records if r["kind"] == "eval" and r["step"] > 0]
+    assert all(r["shape"]["num_hidden_layers"] == 2 and r["shape"]["intermediate_size"] == 32 for r in evals)
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert (config.num_hidden_layers, config.intermediate_size) == (2, 32)

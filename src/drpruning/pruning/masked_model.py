@@ -10,7 +10,9 @@ untouched:
 - `o_proj` and `down_proj` run with masked weights: input columns times the head mask (each head's head_dim
   slice) or the intermediate mask, output rows (and bias) times layer gate times hidden mask. Scaling the
   weight instead of the activations gives the same function with elementwise work of the weight's size, not
-  the batch's: a token batch is usually far larger than an output dimension;
+  the batch's: a token batch is usually far larger than an output dimension. With one mask sample per
+  sequence (`pruning.mask_samples: sequence`, the default) the masks differ along the batch and are applied
+  to the activations instead (measured in bench/bench_pruning.py: 0.94x a plain step's tokens/s);
 - every RMSNorm's `forward` is overridden on the instance (state-dict keys unchanged) by a masked RMSNorm: the
   mean of squares runs only over dimensions whose hidden mask is non-zero, and the output is multiplied by the
   mask. A plain RMSNorm followed by a multiply would not equal the sliced model.
@@ -33,11 +35,14 @@ if TYPE_CHECKING:
     from drpruning.pruning.pruner import Pruner
 
 
-def prepare_masks(pruner: Pruner) -> dict[str, torch.Tensor | None]:
-    """Sample (or compute) the masks for one forward and expand them to what the hooks multiply."""
-    m = pruner.masks()
+def prepare_masks(pruner: Pruner, batch: int | None = None) -> dict[str, torch.Tensor | None]:
+    """Sample (or compute) the masks for one forward of `batch` sequences and expand them to what the hooks
+    multiply. Per-sequence samples carry a leading [batch] dimension on every vector below."""
+    m = pruner.masks(batch)
     src = pruner.source
     L = src.num_hidden_layers
+    any_s = next(iter(m))
+    lead = m[any_s].dim() - pruner.log_alpha[any_s].dim()  # 1 for per-sequence samples, else 0
     cur: dict[str, torch.Tensor | None] = {
         "head": None,
         "intermediate": m.get("intermediate"),
@@ -46,24 +51,29 @@ def prepare_masks(pruner: Pruner) -> dict[str, torch.Tensor | None]:
         "norm_avg": None,
     }
     if "head" in m:
-        head = m["head"].reshape(L, -1)  # query mode: [L, H_kv, G] -> [L, H], query head j in group j // G
+        # query mode: [.., L, H_kv, G] -> [.., L, H], query head j in group j // G
+        head = m["head"].reshape(*m["head"].shape[:lead], L, -1)
         if pruner.head_mode == "kv_group":
             head = head.repeat_interleave(src.group_size, dim=-1)
-        cur["head"] = head.repeat_interleave(src.head_dim, dim=-1)  # [L, H * head_dim], o_proj input layout
+        cur["head"] = head.repeat_interleave(src.head_dim, dim=-1)  # [.., L, H * head_dim], o_proj input layout
     layer, hidden = m.get("layer"), m.get("hidden")
+    if layer is not None:
+        layer = layer.unsqueeze(-1)  # [.., L, 1]
+    if hidden is not None:
+        hidden_rows = hidden.unsqueeze(-2)  # [.., 1, d]
     if layer is not None and hidden is not None:
-        cur["out"] = layer[:, None] * hidden[None, :]
+        cur["out"] = layer * hidden_rows
     elif layer is not None:
-        cur["out"] = layer[:, None]
+        cur["out"] = layer
     elif hidden is not None:
-        cur["out"] = hidden[None, :].expand(L, -1)
+        cur["out"] = hidden_rows.expand(*hidden.shape[:lead], L, -1)
     if hidden is not None:
         keep = (hidden != 0).to(torch.float32)
-        cur["norm_avg"] = keep / keep.sum().clamp_min(1.0)
+        cur["norm_avg"] = keep / keep.sum(-1, keepdim=True).clamp_min(1.0)
     # one view per layer: a single backward for all layers instead of a zero-filled [L, ...] gradient per use
     for key in ("head", "intermediate", "out"):
         if cur[key] is not None:
-            cur[key] = cur[key].unbind(0)
+            cur[key] = cur[key].unbind(lead)
     return cur
 
 
@@ -74,8 +84,11 @@ def _masked_rms_forward(handle: MaskedModel):
         x = hidden_states.to(torch.float32)
         # mean over the kept dimensions only: one float32 matrix-vector product (autocast off, or it would
         # run in bf16); `avg` is 1/kept on kept dimensions and 0 elsewhere
-        with torch.autocast(x.device.type, enabled=False):
-            variance = x.pow(2) @ avg.to(torch.float32)[:, None]
+        avg = avg.to(torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # per-sequence masks: [B, T, d] @ [B, d, 1]
+            variance = x.pow(2) @ avg.unsqueeze(-1)
+        if z.dim() == 2:
+            z = z[:, None, :]
         x = x * torch.rsqrt(variance + self.variance_epsilon)
         return (self.weight * z).to(input_dtype) * x.to(input_dtype)
 
@@ -142,6 +155,16 @@ def _masked_weight(weight: torch.Tensor, zo: torch.Tensor | None, zin: torch.Ten
     return weight if zo is None and zin is None else weight * _scale(zo, zin, weight.dtype)
 
 
+def _sequence_masked_linear(linear: nn.Linear, x: torch.Tensor, zo: torch.Tensor | None,
+                            zin: torch.Tensor | None) -> torch.Tensor:
+    """Masks with a leading [B] dimension (one sample per sequence of x [B, T, in]) scale the activations:
+    (x * zin) @ W^T + b, times zo. The same function as MaskedLinear for a batch whose masks are equal."""
+    if zin is not None:
+        x = x * zin[:, None, :].to(x.dtype)
+    y = linear.__class__.forward(linear, x)
+    return y if zo is None else y * zo[:, None, :].to(y.dtype)
+
+
 def _masked_linear_forward(handle: MaskedModel, layer: int, in_key: str | None):
     """forward of o_proj (`in_key` "head") / down_proj ("intermediate") of one layer, with its masks."""
 
@@ -149,6 +172,8 @@ def _masked_linear_forward(handle: MaskedModel, layer: int, in_key: str | None):
         cur = handle.current
         zin = cur[in_key][layer] if in_key is not None and cur[in_key] is not None else None
         zo = cur["out"][layer] if cur["out"] is not None else None
+        if (zo if zo is not None else zin).dim() == 2:  # one mask per sequence: on the activations
+            return _sequence_masked_linear(self, x, zo, zin)
         return MaskedLinear.apply(x, self.weight, self.bias, zo, zin)
 
     return forward
@@ -188,10 +213,12 @@ class MaskedModel:
                 f"model has {len(base.layers)} layers, the pruner was built for {pruner.source.num_hidden_layers}"
             )
 
-        def sample(_module, _args):
-            self.current = prepare_masks(pruner)
+        def sample(_module, args, kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            ids = ids if ids is not None else kwargs.get("inputs_embeds")
+            self.current = prepare_masks(pruner, ids.shape[0] if ids is not None else None)
 
-        self._handles.append(base.register_forward_pre_hook(sample))
+        self._handles.append(base.register_forward_pre_hook(sample, with_kwargs=True))
         outputs = "layer" in pruner.structures or "hidden" in pruner.structures
         for i, layer in enumerate(base.layers):
             for module, in_key in ((family.attn(layer, "o"), "head"), (family.ffn(layer, "down"), "intermediate")):

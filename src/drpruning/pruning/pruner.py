@@ -61,7 +61,9 @@ class Pruner(nn.Module):
         self.head_mode = cfg.head_mode
         self.warmup = warmup_steps(cfg, total_steps)
         self.exact = False
-        self.hardening = False
+        self.one_shot = cfg.method == "importance"  # exact masks from the calibration scores, never learnt
+        self.hardening = self.one_shot
+        self.per_sequence = cfg.mask_samples == "sequence"
         self._seed = 0
         self._generator: torch.Generator | None = None
         src = self.source
@@ -220,9 +222,10 @@ class Pruner(nn.Module):
         return super().train(mode)
 
     def harden(self, on: bool) -> None:
-        """The hardening phase: the weights train under the exact masks; no penalty, the masks stay put."""
-        self.hardening = bool(on)
-        if on:
+        """The hardening phase: the weights train under the exact masks; no penalty, the masks stay put. A
+        one-shot pruner is always in it."""
+        self.hardening = bool(on) or self.one_shot
+        if self.hardening:
             self.eval(exact=True)
 
     def penalty_step(self, step: int) -> dict:
@@ -252,19 +255,25 @@ class Pruner(nn.Module):
 
     # ---- masks -----------------------------------------------------------------------------------
     def probabilities(self) -> dict[str, torch.Tensor]:
-        """P(z > 0) per unit; 1 for a protected unit."""
+        """P(z > 0) per unit; 1 for a protected unit; 1 or 0 for the fixed masks of a one-shot pruner."""
+        if self.one_shot:
+            return {s: (m != 0).float() for s, m in self.deterministic_masks(exact=True).items()}
         return {s: torch.where(self.protected(s), 1.0, prob_nonzero(a)) for s, a in self.log_alpha.items()}
 
-    def sample(self) -> dict[str, torch.Tensor]:
-        """A fresh training sample of every structure's mask (protected units at 1)."""
-        return {s: torch.where(self.protected(s), 1.0, sample_hard_concrete(a, self._gen(a.device)))
+    def sample(self, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """A fresh training sample of every structure's mask (protected units at 1); with `batch`, one
+        independent sample per sequence, stacked on a new leading dimension."""
+        lead = () if batch is None else (batch,)
+        return {s: torch.where(self.protected(s), 1.0,
+                               sample_hard_concrete(a.expand(*lead, *a.shape), self._gen(a.device)))
                 for s, a in self.log_alpha.items()}
 
     def cut_sizes(self, exact: bool = False) -> dict[str, torch.Tensor]:
         """Units cut per row. Exact: size - target. Expected: round(sum(1 - P)) less the floor that a unit at
         the top of the range still counts (1 - P(ln 100) = 0.2%, 3 FFN channels per SmolLM2 row), at most the
         exact cut: the expected architecture never passes the target."""
-        out, probs = {}, self.probabilities()
+        exact = exact or self.one_shot
+        out, probs = {}, None if exact else self.probabilities()
         for s, a in self.log_alpha.items():
             size, kept = self.unit_count(s)
             if exact:
@@ -282,6 +291,8 @@ class Pruner(nn.Module):
         for s, k in self.cut_sizes(exact).items():
             soft, key = self._soft_and_key(s)
             out[s] = topk_mask(soft, k, key)
+            if self.one_shot:  # kept units are kept whole: the exported model is the source, sliced
+                out[s] = (out[s] != 0).to(soft.dtype)
         return out
 
     def _soft_and_key(self, s: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,9 +312,12 @@ class Pruner(nn.Module):
             out[s] = max(sizes)
         return out
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        """The masks the next forward uses: sampled when training, deterministic otherwise."""
-        return self.sample() if self.training else self.deterministic_masks(self.exact)
+    def masks(self, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """The masks the next forward (of `batch` sequences) uses: sampled when training (one per sequence
+        when `pruning.mask_samples` is sequence), deterministic otherwise."""
+        if not self.training:
+            return self.deterministic_masks(self.exact)
+        return self.sample(batch if self.per_sequence else None)
 
     # ---- expectations and penalty ----------------------------------------------------------------
     def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -51,7 +51,7 @@ def test_all_ones_masks_equal_unhooked_model(kind, mode):
     with torch.no_grad():
         ref = model(x).logits
     pruner = pruner_for(model, mode)
-    pruner.masks = lambda: ones_masks(pruner)
+    pruner.masks = lambda batch=None: ones_masks(pruner)
     with torch.no_grad():
         out = model(x).logits
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
@@ -68,7 +68,7 @@ def test_masked_rmsnorm_equals_norm_of_sliced_vector(kind):
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     z = torch.rand(d, generator=g) * (torch.rand(d, generator=g) > 0.4)
-    pruner.masks = lambda: {**ones_masks(pruner), "hidden": z}
+    pruner.masks = lambda batch=None: {**ones_masks(pruner), "hidden": z}
     pruner.handle.current = prepare_masks(pruner)
     norm = model.model.layers[1].post_attention_layernorm
     x = torch.randn(3, 5, d, generator=g) * 3
@@ -197,3 +197,46 @@ def test_masked_linear_under_bf16_autocast_matches_float32_within_bf16_error():
     want = [ref] + [t.grad for t in (x, w, b, zo, zin)]
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["kv_group", "query"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_per_sequence_masks_equal_each_sequence_alone_with_its_sample(kind, mode):
+    """One forward of B sequences with per-sequence samples gives, for each sequence, the logits and the
+    mask gradients of a forward of that sequence alone with its sample on the weight-side path."""
+    model = tiny_model(kind)
+    pruner = pruner_for(model, mode).train()
+    assert pruner.per_sequence  # the default
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for a in pruner.log_alpha.values():
+            a.copy_(torch.randn(a.shape, generator=g) * 0.5)
+    x = torch.randint(0, 128, (3, 9), generator=g)
+    pruner.seed(5)
+    samples = pruner.sample(3)
+    assert all(m.shape[0] == 3 for m in samples.values())
+    assert not torch.equal(samples["intermediate"][0], samples["intermediate"][1])  # independent samples
+    pruner.masks = lambda batch=None: {s: m for s, m in samples.items()}
+    out = model(x).logits
+    out.sum().backward(retain_graph=True)  # the samples' graph is used again below
+    batched = {s: a.grad.clone() for s, a in pruner.log_alpha.items()}
+    for a in pruner.log_alpha.values():
+        a.grad = None
+    for b in range(3):
+        pruner.masks = lambda batch=None, b=b: {s: m[b] for s, m in samples.items()}
+        alone = model(x[b:b + 1]).logits
+        assert torch.allclose(alone[0], out[b], atol=1e-5)
+        alone.sum().backward(retain_graph=True)
+    for s, a in pruner.log_alpha.items():
+        assert torch.allclose(a.grad, batched[s], atol=1e-4, rtol=1e-4), s
+
+
+def test_per_sequence_samples_follow_the_config():
+    model = tiny_model("llama")
+    per_batch = Pruner(model.config, PruningConfig(enabled=True, target={"intermediate_size": 24},
+                                                   structures=["intermediate"], mask_samples="micro_batch"), 10)
+    assert prepare_masks(per_batch.train(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)
+    per_seq = Pruner(model.config, PruningConfig(enabled=True, target={"intermediate_size": 24},
+                                                 structures=["intermediate"]), 10)
+    assert prepare_masks(per_seq.train(), 4)["intermediate"][0].shape == (4, model.config.intermediate_size)
+    assert prepare_masks(per_seq.eval(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)

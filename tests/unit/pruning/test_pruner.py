@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from drpruning.config import ConfigError, PruningConfig
+from drpruning.config import ConfigError, PruningConfig, RunConfig, validate
 from drpruning.pruning.masked_model import attach
 from drpruning.pruning.pruner import (
     LOG_ALPHA_MAX,
@@ -318,3 +318,30 @@ def test_initial_masks_are_clamped_and_importance_spreads_them():
         best = scores[s].reshape(rows.shape).argmax(-1)
         assert torch.allclose(rows.gather(-1, best[:, None]), torch.tensor(LOG_ALPHA_MAX))
     assert pruner.protected("hidden").nonzero().flatten().tolist() == [5]
+
+
+def test_one_shot_keeps_the_most_important_units_whole_and_never_moves():
+    _, pruner = make(method="importance")
+    g = torch.Generator().manual_seed(3)
+    scores = {s: torch.rand(a.shape, generator=g) for s, a in pruner.log_alpha.items()}
+    massive = torch.zeros(32, dtype=torch.bool)
+    massive[0] = True  # the least important hidden channel below, and protected
+    scores["hidden"][0] = -1.0
+    pruner.set_importance(scores, massive)
+    pruner.train()
+    assert pruner.hardening and not pruner.training  # fixed masks from the start, no sampling
+    masks = pruner.masks()
+    for s, m in masks.items():
+        keep = pruner.unit_count(s)[1]
+        rows, score = m.reshape(-1, m.shape[-1]), scores[s].reshape(-1, m.shape[-1]).clone()
+        if s == "hidden":
+            score[:, 0] = float("inf")
+        top = score.topk(keep, dim=-1).indices.sort(-1).values  # independent: torch.topk of the scores
+        assert torch.equal(torch.nonzero(rows)[:, 1].view(rows.shape[0], keep), top), s
+        assert set(m.unique().tolist()) <= {0.0, 1.0}, s  # kept whole: the export only slices
+    assert pruner.penalty_step(0) == {}
+    assert pruner.expected_sparsity() == pytest.approx(pruner.final_sparsity())
+    assert shape_summary(pruner)["num_hidden_layers"] == TARGET["num_hidden_layers"]
+    with pytest.raises(ConfigError, match="pruning.init=importance"):
+        validate(RunConfig(run_dir="x", pruning=PruningConfig(enabled=True, target=TARGET, method="importance",
+                                                              init="uniform")))
