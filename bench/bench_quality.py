@@ -1,0 +1,185 @@
+"""Pruned-model quality at the demo's shape and budget, variant by variant, side by side (issue 11).
+
+    .venv/bin/python bench/bench_quality.py [--corpora embedded redpajama] [--seeds 0 1]
+        [--variants uniform fixes importance distill oneshot] [--out runs/quality]
+        [--table bench/results/quality.md]
+
+Every (corpus, seed, variant) runs the demo's two stages (`drpruning train` on the packaged demo_prune.yaml,
+then demo_cpt.yaml on the exported model: SmolLM2-135M -> 24 layers, 6 heads / 2 KV groups, FFN 1024, 100 +
+60 steps of 4 x 256 tokens, DRPruning mixing), each in a fresh process with `resume=auto`: a killed benchmark
+reruns the same command and resumes where it stopped; finished runs are skipped. After each stage the table is
+rewritten from every finished run's metrics.jsonl (nothing is computed twice), so partial tables are valid.
+
+Variants (overrides of the demo's prune stage; `distill` and `oneshot` distil in both stages from SmolLM2):
+- uniform:    as before issue 11 (uniform init, the weights' lr schedule for masks, one mask sample per
+              micro-batch); the fixes that have no switch (tie keys, eval masks) are in every variant
+- fixes:      uniform init with the new defaults (constant mask lr, per-sequence samples) and 20 hardening steps
+- importance: + importance-initialised masks (the current defaults) and 20 hardening steps
+- distill:    + distillation (KL only, T = 1) in both stages
+- oneshot:    one-shot importance pruning at step 0 (Minitron's recipe), then 100 steps of distillation under
+              the fixed masks and the same continued pretraining
+
+Columns: mean / worst held-out loss of the source, after pruning (the pruning run's last evaluation before
+the final, exact one), after the export (the exported model, the continued run's step 0), after continued
+pretraining; the export gap (exported - after pruning); the largest rise of the mean loss between
+consecutive evaluations after the Lagrangian warmup; wall time of both stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REDPAJAMA = ROOT.parent / "shared" / "data" / "redpajama-sample"
+RP_DOMAINS = ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp"]
+RP_PROPORTIONS = "[0.67,0.045,0.045,0.02,0.045,0.025,0.15]"  # the paper's RedPajama proportions
+HARDEN = ["pruning.hardening_steps=20"]
+DISTILL = ["train.distill.weight=1.0", "train.distill.temperature=1.0"]
+VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, continued-pretraining overrides)
+    "uniform": (["pruning.init=uniform", "pruning.mask_schedule=follow", "pruning.mask_samples=micro_batch"], []),
+    "fixes": (["pruning.init=uniform", *HARDEN], []),
+    "importance": (HARDEN, []),
+    "distill": ([*HARDEN, *DISTILL], DISTILL),
+    "oneshot": (["pruning.method=importance", *DISTILL], DISTILL),
+}
+WARMUP = 60  # demo_prune.yaml's pruning.lagrangian_warmup_steps
+
+
+def corpus_overrides(corpus: str) -> list[str]:
+    if corpus == "embedded":
+        return []
+    if not REDPAJAMA.is_dir():
+        raise SystemExit(f"bench_quality: {REDPAJAMA} is missing (the redpajama corpus needs ../shared)")
+    domains = ", ".join(f"{d}: '{REDPAJAMA / d}'" for d in RP_DOMAINS)
+    return ["data.domains={" + domains + "}", f"data.proportions={RP_PROPORTIONS}"]
+
+
+def stage(config: str, run_dir: Path, overrides: list[str]) -> float:
+    """One stage in a fresh process (resumes a killed one); its wall seconds, 0 when already finished."""
+    if (run_dir / "model" / "config.json").is_file():
+        return 0.0
+    cmd = [sys.executable, "-m", "drpruning", "train", str(files("drpruning.configs") / config),
+           f"run_dir={run_dir}", "resume=auto", "train.keep_checkpoints=1", *overrides]
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1.6 GB each; the metrics and model stay
+    return seconds
+
+
+def run_one(out: Path, source: str, corpus: str, seed: int, variant: str) -> None:
+    folder = out / corpus / variant / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    timing = folder / "wall.json"
+    walls = json.loads(timing.read_text()) if timing.is_file() else {}
+    prune_ov, cpt_ov = VARIANTS[variant]
+    common = [f"train.seed={seed}", *corpus_overrides(corpus)]
+    for name, config, ov in (("prune", "demo_prune.yaml", [f"model.source={source}", *prune_ov]),
+                             ("cpt", "demo_cpt.yaml", [f"model.source={folder / 'prune' / 'model'}",
+                                                       f"train.distill.teacher={source}", *cpt_ov])):
+        load, resumed = os.getloadavg()[0], (folder / name / "checkpoints").is_dir()
+        seconds = stage(config, folder / name, [*common, *ov])
+        if seconds:  # the load averages say whether something else shared the cores (2 = this run alone)
+            walls[name] = seconds
+            walls[f"{name}_resumed"] = resumed  # then its wall time misses the killed process's part
+            walls[f"{name}_load"] = [load, os.getloadavg()[2]]  # 1-minute at its start, 15-minute at its end
+            tmp = timing.with_suffix(".tmp")
+            tmp.write_text(json.dumps(walls))
+            tmp.replace(timing)
+    if (folder / "cpt" / "model" / "config.json").is_file():
+        shutil.rmtree(folder / "prune" / "model", ignore_errors=True)  # the continued model is what is kept
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(folder: Path) -> dict | None:
+    """The figures of one finished (corpus, variant, seed), from its metrics; None while unfinished."""
+    prune, cpt = folder / "prune" / "metrics.jsonl", folder / "cpt" / "metrics.jsonl"
+    if not (cpt.is_file() and any(r["kind"] == "final" for r in records(cpt))):
+        return None
+    pe = [r for r in records(prune) if r["kind"] == "eval"]
+    ce = [r for r in records(cpt) if r["kind"] == "eval"]
+    after_warmup = [r for r in pe if r["step"] >= WARMUP]
+    jumps = [b["mean_loss"] - a["mean_loss"] for a, b in zip(after_warmup, after_warmup[1:])]
+    walls = json.loads((folder / "wall.json").read_text()) if (folder / "wall.json").is_file() else {}
+
+    def pair(r: dict) -> tuple[float, float]:
+        return r["mean_loss"], r["worst_loss"]
+
+    return {"source": pair(pe[0]), "pruned": pair(pe[-2]), "exported": pair(ce[0]), "continued": pair(ce[-1]),
+            "gap": ce[0]["mean_loss"] - pe[-2]["mean_loss"], "max_jump": max(jumps, default=0.0),
+            "wall_s": walls.get("prune", 0.0) + walls.get("cpt", 0.0),
+            "resumed": bool(walls.get("prune_resumed") or walls.get("cpt_resumed")),
+            "load": [walls.get("prune_load"), walls.get("cpt_load")]}
+
+
+def table(out: Path, corpora: list[str], seeds: list[int], variants: list[str]) -> tuple[str, dict]:
+    lines = ["| corpus | variant | seeds | source mean / worst | after pruning | after export | after CPT | "
+             "CPT - source (mean / worst) | export gap | max jump | wall min |", "|" + "---|" * 11]
+    raw = {}
+    for corpus in corpora:
+        for variant in variants:
+            runs = [s for s in (summarise(out / corpus / variant / f"seed{k}") for k in seeds) if s is not None]
+            raw[f"{corpus}/{variant}"] = runs
+            if not runs:
+                continue
+
+            def f(key: str, i: int | None = None, runs: list[dict] = runs) -> str:
+                vals = [r[key] if i is None else r[key][i] for r in runs]
+                m = statistics.mean(vals)
+                return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ({min(vals):.2f}-{max(vals):.2f})"
+
+            delta = [(r["continued"][0] - r["source"][0], r["continued"][1] - r["source"][1]) for r in runs]
+            dm = f"+{statistics.mean(d[0] for d in delta):.2f} / +{statistics.mean(d[1] for d in delta):.2f}"
+            lines.append(f"| {corpus} | {variant} | {len(runs)} | {f('source', 0)} / {f('source', 1)} | "
+                         f"{f('pruned', 0)} / {f('pruned', 1)} | {f('exported', 0)} / {f('exported', 1)} | "
+                         f"{f('continued', 0)} / {f('continued', 1)} | {dm} | {f('gap')} | {f('max_jump')} | "
+                         f"{statistics.mean(r['wall_s'] for r in runs) / 60:.0f} |")
+    return "\n".join(lines) + "\n", raw
+
+
+def write_table(path: Path, out: Path, corpora, seeds, variants) -> None:
+    text, raw = table(out, corpora, seeds, variants)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, body in ((path, text), (path.with_suffix(".json"), json.dumps(raw, indent=1) + "\n")):
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(body)
+        tmp.replace(target)
+    print(text, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpora", nargs="+", default=["embedded", "redpajama"], choices=["embedded", "redpajama"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--table", type=Path, default=ROOT / "bench" / "results" / "quality.md")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from finished runs, run nothing")
+    args = ap.parse_args()
+    from drpruning.models import fetch_model
+
+    source = str(fetch_model("smollm2-135m"))
+    if not args.table_only:
+        for seed in args.seeds:  # every variant of a seed before the next seed: comparable early tables
+            for corpus in args.corpora:
+                for variant in args.variants:
+                    run_one(args.out, source, corpus, seed, variant)
+                    write_table(args.table, args.out, args.corpora, args.seeds, args.variants)
+    write_table(args.table, args.out, args.corpora, args.seeds, args.variants)
+
+
+if __name__ == "__main__":
+    main()
