@@ -23,7 +23,7 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check src tests bench experiments
 	$(VENV)/bin/pytest -m "not slow" -q
-	$(VENV)/bin/pytest -m slow -q
+	$(VENV)/bin/pytest -m slow -q --durations=12
 
 test-fast: venv
 	$(VENV)/bin/pytest -m "not slow" -q
