@@ -187,19 +187,24 @@ def test_distillation_logs_kl_and_starts_at_zero_against_itself(tmp_path, model_
         load_config(None, ov + ["train.distill.weight=2"])
 
 
+def before_each_step(trainer: Trainer, take) -> dict:
+    """{step: take()} recorded before every training step of `trainer`."""
+    seen, original = {}, trainer.train_step
+
+    def spy():
+        seen[trainer.step] = take()
+        return original()
+
+    trainer.train_step = spy
+    return seen
+
+
 def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
     ov = overrides(tmp_path, model_dir, **{"train.steps": 6, "train.eval_every": 1}) + [
         "pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
         "pruning.hardening_steps=3"]
     trainer = Trainer(load_config(None, ov))
-    seen = {}
-    original = trainer.train_step
-
-    def spy():
-        seen[trainer.step] = {k: v.detach().clone() for k, v in trainer.pruner.log_alpha.items()}
-        return original()
-
-    trainer.train_step = spy
+    seen = before_each_step(trainer, lambda: {k: v.detach().clone() for k, v in trainer.pruner.log_alpha.items()})
     trainer.run()
     for step in (4, 5):  # hardening (steps 4-6): the masks no longer move
         assert all(torch.equal(seen[3][s], seen[step][s]) for s in seen[3])
@@ -217,14 +222,7 @@ def test_one_shot_importance_prunes_at_step_zero_and_trains_under_fixed_masks(tm
         "pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
         "pruning.target.intermediate_size=32"]
     trainer = Trainer(load_config(None, ov))
-    seen = {}
-    original = trainer.train_step
-
-    def spy():
-        seen[trainer.step] = trainer.pruner.deterministic_masks(exact=True)
-        return original()
-
-    trainer.train_step = spy
+    seen = before_each_step(trainer, lambda: trainer.pruner.deterministic_masks(exact=True))
     out = trainer.run()
     assert all(torch.equal(seen[0][s], seen[3][s]) for s in seen[0])  # cut once, by the calibration scores
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
