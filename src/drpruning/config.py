@@ -123,6 +123,9 @@ class PruningConfig:
     # the Lagrangian warmup in a short run)
     mask_schedule: str = "constant"
     mask_warmup_steps: int | None = None
+    # anti-windup: a multiplier lambda1 whose sign disagrees with the sparsity gap (left over from a lag) is
+    # reset to 0, so masks do not overshoot the target for as many steps as they lagged it
+    lagrangian_reset: bool = False
     hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
     # one mask sample per `sequence` of a micro-batch (masks applied to activations), or one per `micro_batch`
     # (folded into the weights: cheaper, but a step averages only that many samples)

@@ -64,6 +64,7 @@ class Pruner(nn.Module):
         self.one_shot = cfg.method == "importance"  # exact masks from the calibration scores, never learnt
         self.hardening = self.one_shot
         self.per_sequence = cfg.mask_samples == "sequence"
+        self._gaps: dict[str, float] = {}  # the last penalty's mean sparsity gap per structure
         self._seed = 0
         self._generator: torch.Generator | None = None
         src = self.source
@@ -178,8 +179,14 @@ class Pruner(nn.Module):
             p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def after_step(self) -> None:
-        """Call after every optimiser step."""
+        """Call after every optimiser step: clamp the masks; with `lagrangian_reset`, zero each lambda1 that
+        pushes the wrong way for the gap of the step's penalty."""
         self.clamp_()
+        if self.cfg.lagrangian_reset:
+            with torch.no_grad():
+                for s, gap in self._gaps.items():
+                    if float(self.lambda1[s].detach()) * gap < 0:  # ascent makes lambda1 share the gap's sign
+                        self.lambda1[s].zero_()
 
     def average_grads(self) -> None:
         """Average the masks' gradients over ranks (they live outside DDP/FSDP); a no-op in one process."""
@@ -377,6 +384,7 @@ class Pruner(nn.Module):
         for s in self.structures:
             t = self.target_sparsity(s, step)
             gap = sparsity[s] - t
+            self._gaps[s] = float(gap.detach().mean())
             total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
             log["expected_sparsity"][s] = float(sparsity[s].detach().mean())
             log["target_sparsity"][s] = t

@@ -345,3 +345,17 @@ def test_one_shot_keeps_the_most_important_units_whole_and_never_moves():
     with pytest.raises(ConfigError, match="pruning.init=importance"):
         validate(RunConfig(run_dir="x", pruning=PruningConfig(enabled=True, target=TARGET, method="importance",
                                                               init="uniform")))
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_lagrangian_reset_zeroes_a_multiplier_that_pushes_against_the_gap(reset):
+    _, pruner = make(lagrangian_reset=reset)  # masks near 1: every structure is below its target sparsity
+    with torch.no_grad():
+        for s in pruner.structures:
+            pruner.lambda1[s].fill_(5.0 if s != "head" else -5.0)  # head pushes the right way (toward the gap)
+    _, log = pruner.penalty(step=1000)
+    assert all(log["expected_sparsity"][s] < log["target_sparsity"][s] for s in pruner.structures)
+    pruner.after_step()
+    for s in pruner.structures:
+        expected = -5.0 if s == "head" else (0.0 if reset else 5.0)
+        assert float(pruner.lambda1[s].detach()) == expected, s
