@@ -158,8 +158,10 @@ def table(out: Path, corpora: list[str], seeds: list[int], variants: list[str]) 
     return "\n".join(lines) + "\n", raw
 
 
-def write_table(path: Path, out: Path, corpora, seeds, variants) -> None:
-    text, raw = table(out, corpora, seeds, variants)
+def write_table(path: Path, out: Path, corpora, seeds) -> None:
+    """The table of every variant's finished runs (so that invocations running other variants side by side
+    never drop each other's rows)."""
+    text, raw = table(out, corpora, seeds, list(VARIANTS))
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, body in ((path, text), (path.with_suffix(".json"), json.dumps(raw, indent=1) + "\n")):
         tmp = target.with_suffix(target.suffix + ".tmp")
@@ -171,6 +173,8 @@ def write_table(path: Path, out: Path, corpora, seeds, variants) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", nargs="+", default=["embedded", "redpajama"], choices=["embedded", "redpajama"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per run (0: torch's default); e.g. 1 for two invocations side by side")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
@@ -180,13 +184,15 @@ def main() -> None:
     from drpruning.models import fetch_model
 
     source = str(fetch_model("smollm2-135m"))
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each run's fresh process
     if not args.table_only:
         for seed in args.seeds:  # every variant of a seed before the next seed: comparable early tables
             for corpus in args.corpora:
                 for variant in args.variants:
                     run_one(args.out, source, corpus, seed, variant)
-                    write_table(args.table, args.out, args.corpora, args.seeds, args.variants)
-    write_table(args.table, args.out, args.corpora, args.seeds, args.variants)
+                    write_table(args.table, args.out, args.corpora, args.seeds)
+    write_table(args.table, args.out, args.corpora, args.seeds)
 
 
 if __name__ == "__main__":
