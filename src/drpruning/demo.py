@@ -47,15 +47,16 @@ def run_demo(out: Path, quick: bool = False) -> Path:
     from drpruning.report import write_report
 
     source = fetch_model("smollm2-135m")
-    # quick (the smoke test): a few steps, one checkpoint kept at a time (each is ~1.6 GB); 6 steps to the
-    # target can leave a model at the uniform-loss level, which it exports anyway (force) to test the machinery
-    shrink = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=1",
-              "pruning.lagrangian_warmup_steps=2", "force=true"] if quick else []
-    shrink_cpt = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
-                  "train.keep_checkpoints=1"] if quick else []
+    # quick (the smoke test): a few steps of half the batch, 2 held-out sequences per domain, one checkpoint
+    # kept at a time (each is ~1.6 GB); 6 steps to the target can leave a model at the uniform-loss level,
+    # which it exports anyway (force) to test the machinery
+    small = ["train.batch_size=2", "train.micro_batch_size=2", "data.eval_sequences=2", "train.keep_checkpoints=1"]
+    shrink = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "pruning.lagrangian_warmup_steps=2",
+              "pruning.calibration_sequences=4", "force=true", *small] if quick else []
+    shrink_cpt = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", *small] if quick else []
     pruned = _stage("demo_prune.yaml", out / "prune", [f"model.source={source}", *shrink])
     continued = _stage("demo_cpt.yaml", out / "cpt", [f"model.source={pruned}", *shrink_cpt])
-    limit = 20 if quick else 100
+    limit = 10 if quick else 100
     _source_run(out)
     _downstream(source, out / "source", limit)
     _downstream(pruned, out / "prune", limit)
