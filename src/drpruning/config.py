@@ -127,9 +127,9 @@ class PruningConfig:
     # reset to 0, so masks do not overshoot the target for as many steps as they lagged it
     lagrangian_reset: bool = False
     hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
-    # one mask sample per `sequence` of a micro-batch (masks applied to activations), or one per `micro_batch`
-    # (folded into the weights: cheaper, but a step averages only that many samples)
-    mask_samples: str = "sequence"
+    # one mask sample per `micro_batch` (folded into the weights), or one per `sequence` of it (applied to the
+    # activations: a step averages more samples, at ~10% more activation memory than the planner counts)
+    mask_samples: str = "micro_batch"
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:

@@ -32,7 +32,7 @@ LAUNCH_TIMEOUT = 150  # seconds for one 2-process run; a hang fails the test ins
 TARGET = "{num_hidden_layers: 2, num_key_value_heads: 1, intermediate_size: 24, hidden_size: 16}"
 COMMON = {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2, "mixing.method": "drpruning",
           "train.dtype": "float32"}
-# one mask sample per micro-batch (not per sequence), so that the comparison below can be exact
+# one mask sample per micro-batch (the default, not per sequence), so that the comparison below can be exact
 PRUNE = {**COMMON, "pruning.enabled": "true", "pruning.target": TARGET, "pruning.lagrangian_warmup_steps": 1,
          "pruning.mask_samples": "micro_batch"}
 

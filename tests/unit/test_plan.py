@@ -126,6 +126,13 @@ def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
     assert plan.target is not None and plan.target.total < plan.source.total
 
 
+def test_per_sequence_masks_are_named_as_uncounted_memory(offline):
+    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"
+    assert not any("mask_samples" in w for w in make_plan(load_config(path), world=8, memory_gb=80).warnings)
+    plan = make_plan(load_config(path, ["pruning.mask_samples=sequence"]), world=8, memory_gb=80)
+    assert any("mask_samples=sequence" in w for w in plan.warnings)
+
+
 def test_a_known_source_plans_offline(offline):
     config, note = read_model_config("meta-llama/Llama-2-7b-hf")
     assert config.num_hidden_layers == 32 and "copy" in note

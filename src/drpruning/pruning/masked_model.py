@@ -11,7 +11,7 @@ untouched:
   slice) or the intermediate mask, output rows (and bias) times layer gate times hidden mask. Scaling the
   weight instead of the activations gives the same function with elementwise work of the weight's size, not
   the batch's: a token batch is usually far larger than an output dimension. With one mask sample per
-  sequence (`pruning.mask_samples: sequence`, the default) the masks differ along the batch and are applied
+  sequence (`pruning.mask_samples: sequence`) the masks differ along the batch and are applied
   to the activations instead (measured in bench/bench_pruning.py: 0.94x a plain step's tokens/s);
 - every RMSNorm's `forward` is overridden on the instance (state-dict keys unchanged) by a masked RMSNorm: the
   mean of squares runs only over dimensions whose hidden mask is non-zero, and the output is multiplied by the

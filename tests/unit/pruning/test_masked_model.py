@@ -206,7 +206,7 @@ def test_per_sequence_masks_equal_each_sequence_alone_with_its_sample(kind, mode
     mask gradients of a forward of that sequence alone with its sample on the weight-side path."""
     model = tiny_model(kind)
     pruner = pruner_for(model, mode).train()
-    assert pruner.per_sequence  # the default
+    pruner.per_sequence = True
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for a in pruner.log_alpha.values():
@@ -237,6 +237,6 @@ def test_per_sequence_samples_follow_the_config():
                                                    structures=["intermediate"], mask_samples="micro_batch"), 10)
     assert prepare_masks(per_batch.train(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)
     per_seq = Pruner(model.config, PruningConfig(enabled=True, target={"intermediate_size": 24},
-                                                 structures=["intermediate"]), 10)
+                                                 structures=["intermediate"], mask_samples="sequence"), 10)
     assert prepare_masks(per_seq.train(), 4)["intermediate"][0].shape == (4, model.config.intermediate_size)
     assert prepare_masks(per_seq.eval(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)
