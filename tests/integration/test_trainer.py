@@ -109,9 +109,10 @@ ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target
             "train.distill.weight=0.5"]
 
 
-@pytest.mark.parametrize("method,extra", [("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS),
-                                          ("constant", ONE_SHOT)],
-                         ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill"])
+@pytest.mark.parametrize("method,extra", [
+    ("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS),
+    pytest.param("constant", ONE_SHOT, marks=pytest.mark.slow),  # in the slow tier: the default suite's 3 minutes
+], ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill"])
 def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method, extra):
     common = {"train.steps": 8, "mixing.method": method, "train.dtype": "bfloat16"}
     whole = overrides(tmp_path / "a", model_dir, **common) + extra
