@@ -50,10 +50,10 @@ def load(source: str, device: str):
 MASK_SAMPLES = ("sequence", "micro_batch")
 
 
-def pruning_cfg(target_params: str, mask_samples: str = "sequence"):
+def pruning_cfg(target_params: str, **options):
     from drpruning.config import PruningConfig
 
-    return PruningConfig(enabled=True, target_params=target_params, mask_samples=mask_samples)
+    return PruningConfig(enabled=True, target_params=target_params, **options)
 
 
 def autocast(args):
@@ -82,7 +82,8 @@ def make_step(model, pruner, opts, ids, args):
 def make_pruner(model, args, mask_samples: str):
     from drpruning.pruning import Pruner
 
-    pruner = Pruner(model.config, pruning_cfg(args.target_params, mask_samples), total_steps=100, device=args.device)
+    cfg = pruning_cfg(args.target_params, mask_samples=mask_samples)
+    pruner = Pruner(model.config, cfg, total_steps=100, device=args.device)
     pruner.seed(0)
     return pruner, torch.optim.AdamW(pruner.optimizer_groups(), betas=(0.9, 0.95))
 

@@ -158,7 +158,7 @@ def make_plan(cfg: RunConfig, world: int = 1, memory_gb: float | None = None, de
                         f"({mem.get('autocast weight copies') / GB:.1f} GB per device, not sharded)")
     if cfg.pruning.enabled and cfg.pruning.mask_samples == "sequence":
         warnings.append("pruning.mask_samples=sequence masks activations, not weights: a pruning step measured "
-                        "~10% more memory than with micro_batch, which this estimate counts (bench_pruning.py)")
+                        "~10% more memory than with micro_batch, which this estimate does not count (bench_pruning.py)")
     if device == "cpu":
         warnings.append("on a CPU the trainer keeps freed memory in its heap (training/cpu_memory.py): its peak "
                         "RSS measured 23-32% above this estimate, the tensors' own peak (docs/distributed.md)")

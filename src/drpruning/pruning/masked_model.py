@@ -161,7 +161,7 @@ def _sequence_masked_linear(linear: nn.Linear, x: torch.Tensor, zo: torch.Tensor
     (x * zin) @ W^T + b, times zo. The same function as MaskedLinear for a batch whose masks are equal."""
     if zin is not None:
         x = x * zin[:, None, :].to(x.dtype)
-    y = linear.__class__.forward(linear, x)
+    y = nn.functional.linear(x, linear.weight, linear.bias)
     return y if zo is None else y * zo[:, None, :].to(y.dtype)
 
 

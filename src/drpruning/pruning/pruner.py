@@ -183,10 +183,9 @@ class Pruner(nn.Module):
         pushes the wrong way for the gap of the step's penalty."""
         self.clamp_()
         if self.cfg.lagrangian_reset:
-            with torch.no_grad():
+            with torch.no_grad():  # ascent makes lambda1 share the gap's sign; no host sync on the device
                 for s, gap in self._gaps.items():
-                    if float(self.lambda1[s].detach()) * gap < 0:  # ascent makes lambda1 share the gap's sign
-                        self.lambda1[s].zero_()
+                    self.lambda1[s].masked_fill_(self.lambda1[s] * gap < 0, 0.0)
 
     def average_grads(self) -> None:
         """Average the masks' gradients over ranks (they live outside DDP/FSDP); a no-op in one process."""
@@ -384,9 +383,9 @@ class Pruner(nn.Module):
         for s in self.structures:
             t = self.target_sparsity(s, step)
             gap = sparsity[s] - t
-            self._gaps[s] = float(gap.detach().mean())
             total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
             log["expected_sparsity"][s] = float(sparsity[s].detach().mean())
+            self._gaps[s] = log["expected_sparsity"][s] - t  # mean over rows of the gap, for after_step
             log["target_sparsity"][s] = t
             log["lambda1"][s] = float(self.lambda1[s].detach())
             log["lambda2"][s] = float(self.lambda2[s].detach())
