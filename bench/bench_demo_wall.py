@@ -1,0 +1,82 @@
+"""Wall time of the demo's stages, recipe against recipe, side by side on one machine in one run (issue 11).
+
+    .venv/bin/python bench/bench_demo_wall.py [--steps 20] [--rounds 2] [--recipes l0 oneshot_ce minitron]
+
+Each recipe runs the demo's prune stage (demo_prune.yaml) and continued stage (demo_cpt.yaml) through the CLI in
+a fresh process, shortened to --steps with the demo's proportions of evaluations and checkpoints kept (one
+evaluation every 4 steps, 4 checkpoints per stage, the Lagrangian warmup over 60% of the prune stage);
+recipes alternate within each round, so every recipe sees
+the same machine load. Startup, data loading and the calibration pass are in every stage's time, as in the
+demo (the L0 recipe calibrates too: its masks are importance-initialised). The figure is each stage's median
+wall seconds and its ratio to the `l0` recipe (the demo's recipe until issue 11 chose its defaults).
+Nothing else may run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+HALF = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]
+# (prune overrides, continued overrides): explicit in both directions, so the bench holds whatever the demo
+# configs' defaults are
+RECIPES: dict[str, tuple[list[str], list[str]]] = {
+    "l0": (["pruning.method=l0", "pruning.init=importance", "train.lr=1e-4", "train.distill.weight=0"],
+           ["train.distill.weight=0"]),
+    "oneshot_ce": (["pruning.method=importance", "pruning.init=importance", "train.lr=5e-4",
+                    "train.distill.weight=0"], ["train.distill.weight=0"]),
+    "minitron": (["pruning.method=importance", "pruning.init=importance", "train.lr=5e-4", *HALF], HALF),
+}
+
+
+def run_stage(config: str, run_dir: Path, overrides: list[str], steps: int) -> float:
+    every = max(1, steps // 4)
+    cmd = [sys.executable, "-m", "drpruning", "train", str(files("drpruning.configs") / config), f"run_dir={run_dir}",
+           f"train.steps={steps}", "train.eval_every=4", f"train.checkpoint_every={every}",
+           "train.keep_checkpoints=1", *overrides]
+    if config == "demo_prune.yaml":  # the demo's warmup over 60% of the stage; a short L0 run may miss the shape
+        cmd += [f"pruning.lagrangian_warmup_steps={max(1, steps * 3 // 5)}", "force=true"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    args = ap.parse_args()
+    from drpruning.models import fetch_model
+
+    source = str(fetch_model("smollm2-135m"))
+    times: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_demo_wall_") as tmp:
+        for k in range(args.rounds):
+            for name in args.recipes:
+                prune_ov, cpt_ov = RECIPES[name]
+                base = Path(tmp) / f"{name}-{k}"
+                times.setdefault((name, "prune"), []).append(
+                    run_stage("demo_prune.yaml", base / "prune", [f"model.source={source}", *prune_ov], args.steps))
+                times.setdefault((name, "cpt"), []).append(
+                    run_stage("demo_cpt.yaml", base / "cpt", [f"model.source={base / 'prune' / 'model'}",
+                                                              f"train.distill.teacher={source}", *cpt_ov], args.steps))
+                print(name, k, {s: round(times[(name, s)][-1], 1) for s in ("prune", "cpt")}, flush=True)
+    print(f"\n{args.steps} steps per stage, median of {args.rounds} rounds, recipes alternating")
+    print("| recipe | prune s | cpt s | both s | both / l0 |\n|---|---|---|---|---|")
+    med = {key: statistics.median(v) for key, v in times.items()}
+    ref = med.get(("l0", "prune"), 0) + med.get(("l0", "cpt"), 0)
+    for name in args.recipes:
+        both = med[(name, "prune")] + med[(name, "cpt")]
+        ratio = f"{both / ref:.2f}" if ref else "-"
+        print(f"| {name} | {med[(name, 'prune')]:.0f} | {med[(name, 'cpt')]:.0f} | {both:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
