@@ -65,3 +65,13 @@ def test_yaml_file_and_override(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml", ["run_dir=x"])
+
+
+@pytest.mark.parametrize("name", ["demo_prune.yaml", "demo_cpt.yaml"])
+def test_packaged_demo_configs_validate(name):
+    from importlib.resources import files
+
+    cfg = load_config(str(files("drpruning.configs") / name), ["run_dir=r"])  # raises if invalid
+    if name == "demo_cpt.yaml" and cfg.train.distill.weight > 0:
+        # its model.source is the pruned model: without a teacher it would distil from itself
+        assert cfg.train.distill.teacher == "smollm2-135m"
