@@ -1,15 +1,14 @@
 """Wall time of the demo's stages, recipe against recipe, side by side on one machine in one run (issue 11).
 
-    .venv/bin/python bench/bench_demo_wall.py [--steps 20] [--rounds 2] [--recipes l0 oneshot_ce minitron]
+    .venv/bin/python bench/bench_demo_wall.py [--steps 20] [--rounds 2] [--recipes l0 minitron]
 
-Each recipe runs the demo's prune stage (demo_prune.yaml) and continued stage (demo_cpt.yaml) through the CLI in
-a fresh process, shortened to --steps with the demo's proportions of evaluations and checkpoints kept (one
-evaluation every 4 steps, 4 checkpoints per stage, the Lagrangian warmup over 60% of the prune stage);
-recipes alternate within each round, so every recipe sees
-the same machine load. Startup, data loading and the calibration pass are in every stage's time, as in the
-demo (the L0 recipe calibrates too: its masks are importance-initialised). The figure is each stage's median
-wall seconds and its ratio to the `l0` recipe (the demo's recipe until issue 11 chose its defaults).
-Nothing else may run meanwhile.
+Each recipe (a variant of bench/bench_quality.py) runs the demo's prune stage (demo_prune.yaml) and continued
+stage (demo_cpt.yaml) through the CLI in a fresh process, shortened to --steps with the demo's proportions of
+evaluations and checkpoints kept (one evaluation every 4 steps, 4 checkpoints per stage, the Lagrangian warmup
+over 60% of the prune stage); recipes alternate within each round, so every recipe sees the same machine load.
+Startup, data loading and the calibration pass are in every stage's time, as in the demo (the L0 recipe
+calibrates too: its masks are importance-initialised). The figure is each stage's median wall seconds and its
+ratio to the `l0` recipe (the demo's recipe until issue 11 chose one-shot). Nothing else may run meanwhile.
 """
 
 from __future__ import annotations
@@ -23,16 +22,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-HALF = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]
-# (prune overrides, continued overrides): explicit in both directions, so the bench holds whatever the demo
-# configs' defaults are
-RECIPES: dict[str, tuple[list[str], list[str]]] = {
-    "l0": (["pruning.method=l0", "pruning.init=importance", "train.lr=1e-4", "train.distill.weight=0"],
-           ["train.distill.weight=0"]),
-    "oneshot_ce": (["pruning.method=importance", "pruning.init=importance", "train.lr=5e-4",
-                    "train.distill.weight=0"], ["train.distill.weight=0"]),
-    "minitron": (["pruning.method=importance", "pruning.init=importance", "train.lr=5e-4", *HALF], HALF),
-}
+from bench_quality import VARIANTS  # the recipes: overrides of the demo's two stages
 
 
 def run_stage(config: str, run_dir: Path, overrides: list[str], steps: int) -> float:
@@ -51,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="+", default=["l0", "minitron_cpt2"], choices=list(VARIANTS))
     args = ap.parse_args()
     from drpruning.models import fetch_model
 
@@ -60,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_demo_wall_") as tmp:
         for k in range(args.rounds):
             for name in args.recipes:
-                prune_ov, cpt_ov = RECIPES[name]
+                prune_ov, cpt_ov = VARIANTS[name]
                 base = Path(tmp) / f"{name}-{k}"
                 times.setdefault((name, "prune"), []).append(
                     run_stage("demo_prune.yaml", base / "prune", [f"model.source={source}", *prune_ov], args.steps))

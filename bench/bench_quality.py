@@ -10,11 +10,12 @@ then demo_cpt.yaml on the exported model: SmolLM2-135M -> 24 layers, 6 heads / 2
 reruns the same command and resumes where it stopped; finished runs are skipped. After each stage the table is
 rewritten from every finished run's metrics.jsonl (nothing is computed twice), so partial tables are valid.
 
-Variants (overrides of the demo's prune stage; `distill` and `oneshot` distil in both stages from SmolLM2):
+Variants (overrides of the demo's two stages, each pinning method, lr and distillation; the teacher is SmolLM2):
+- l0:         the demo's recipe before issue 11 chose one-shot (L0 masks, importance init, lr 1e-4, then 5e-4)
 - uniform:    as before issue 11 (uniform init, the weights' lr schedule for masks, one mask sample per
               micro-batch); the fixes that have no switch (tie keys, eval masks) are in every variant
 - fixes:      uniform init with the new defaults (constant mask lr, per-sequence samples) and 20 hardening steps
-- importance: + importance-initialised masks (the current defaults) and 20 hardening steps
+- importance: + importance-initialised masks (the library default) and 20 hardening steps
 - distill:    + distillation (KL only, T = 1) in both stages
 - oneshot:    one-shot importance pruning at step 0 (Minitron's recipe), then 100 steps of distillation under
               the fixed masks and the same continued pretraining
@@ -24,8 +25,8 @@ Variants (overrides of the demo's prune stage; `distill` and `oneshot` distil in
 - minitron:   one-shot at the continued run's lr (5e-4), with half cross-entropy, half KL in both stages
 - oneshot_ce: one-shot at lr 5e-4, cross-entropy only (no teacher)
 - hidden_ce:  as oneshot_ce, with the hidden size pruned too (576 -> 480)
-- minitron_cpt1 / minitron_cpt2: minitron with the continued run at lr 1e-4 / 2e-4 (its prune stage is
-              minitron's: same overrides and seed)
+- minitron_cpt1 / minitron_cpt2: minitron with the continued run at lr 1e-4 / 2e-4 (the measured runs reused
+              minitron's prune stage: same overrides and seed); minitron_cpt2 is the demo's recipe now
 - hidden_minitron: as minitron, with the hidden size pruned too (576 -> 480)
 - kl75 / kl:  one-shot at lr 5e-4 with KL weight 0.75 / 1.0 in both stages, the continued run at lr 2e-4
 
@@ -57,34 +58,40 @@ SEQ = ["pruning.mask_samples=sequence"]  # pinned: the runs were started when th
 DISTILL = ["train.distill.weight=1.0", "train.distill.temperature=1.0"]
 HALF = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]
 KL75 = ["train.distill.weight=0.75", "train.distill.temperature=1.0"]
-ONESHOT = ["pruning.method=importance", "train.lr=5e-4"]  # nothing to learn in the masks: the weights' lr
 HIDDEN = ["pruning.structures=[layer,head,intermediate,hidden]", "pruning.target.hidden_size=480"]
+# every variant pins method, lr and distillation, so it means the same whatever the demo configs' defaults are:
+# L0 / L0_CPT are the demo's stages before issue 11 chose one-shot (learnt masks at lr 1e-4, continued at 5e-4)
+L0 = ["pruning.method=l0", "train.lr=1e-4", "train.distill.weight=0"]
+L0_CPT = ["train.lr=5e-4", "train.distill.weight=0"]
+ONESHOT = ["pruning.method=importance", "train.lr=5e-4"]  # nothing to learn in the masks: the weights' lr
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, continued-pretraining overrides)
-    "uniform": (["pruning.init=uniform", "pruning.mask_schedule=follow", "pruning.mask_samples=micro_batch"], []),
-    "fixes": (["pruning.init=uniform", *HARDEN, *SEQ], []),
-    "importance": ([*HARDEN, *SEQ], []),
-    "distill": ([*HARDEN, *DISTILL, *SEQ], DISTILL),
-    "oneshot": (["pruning.method=importance", *DISTILL], DISTILL),
+    "l0": (L0, L0_CPT),  # the demo until issue 11's choice (importance init, one mask sample per micro-batch)
+    "uniform": ([*L0, "pruning.init=uniform", "pruning.mask_schedule=follow", "pruning.mask_samples=micro_batch"],
+                L0_CPT),
+    "fixes": ([*L0, "pruning.init=uniform", *HARDEN, *SEQ], L0_CPT),
+    "importance": ([*L0, *HARDEN, *SEQ], L0_CPT),
+    "distill": ([*L0, *HARDEN, *DISTILL, *SEQ], [*L0_CPT, *DISTILL]),
+    "oneshot": ([*L0, "pruning.method=importance", *DISTILL], [*L0_CPT, *DISTILL]),
     # distillation with the multipliers' anti-windup: lambda1 wound up while the masks lagged the target
     # (-42 for layers by step 60 at lr 1) drove them past it (expected layer sparsity 0.50 against 0.20)
-    "tuned": ([*HARDEN, *DISTILL, *SEQ, "pruning.lagrangian_reset=true"], DISTILL),
+    "tuned": ([*L0, *HARDEN, *DISTILL, *SEQ, "pruning.lagrangian_reset=true"], [*L0_CPT, *DISTILL]),
     # importance with one mask sample per micro-batch: isolates the per-sequence default's effect
-    "batchmask": ([*HARDEN, "pruning.mask_samples=micro_batch"], []),
+    "batchmask": ([*L0, *HARDEN, "pruning.mask_samples=micro_batch"], L0_CPT),
     # the hidden size pruned too (576 -> 480), else as `importance`: the issue's bar is within 0.3 nats of it
-    "hidden": ([*HARDEN, *SEQ, *HIDDEN], []),
+    "hidden": ([*L0, *HARDEN, *SEQ, *HIDDEN], L0_CPT),
     # one-shot, with nothing left to learn in the masks: the weights get the continued run's lr (5e-4, not the
     # pruning stage's 1e-4), and cross-entropy stays in the loss next to the KL (weight 0.5), or alone
-    "minitron": ([*ONESHOT, *HALF], HALF),
-    "oneshot_ce": (ONESHOT, []),
+    "minitron": ([*ONESHOT, *HALF], [*HALF, "train.lr=5e-4"]),
+    "oneshot_ce": ([*ONESHOT, "train.distill.weight=0"], L0_CPT),
     # minitron with a continued run at a lower lr: its 5e-4 re-warmup lifted the loss 2.38 -> 2.56 in 12 steps
     "minitron_cpt1": ([*ONESHOT, *HALF], [*HALF, "train.lr=1e-4"]),
-    "minitron_cpt2": ([*ONESHOT, *HALF], [*HALF, "train.lr=2e-4"]),
-    "hidden_minitron": ([*ONESHOT, *HALF, *HIDDEN], HALF),
+    "minitron_cpt2": ([*ONESHOT, *HALF], [*HALF, "train.lr=2e-4"]),  # the demo since issue 11
+    "hidden_minitron": ([*ONESHOT, *HALF, *HIDDEN], [*HALF, "train.lr=5e-4"]),
     # more of the KL: the worst domain (docs) gained 0.08 from half KL over cross-entropy alone
     "kl75": ([*ONESHOT, *KL75], [*KL75, "train.lr=2e-4"]),
     "kl": ([*ONESHOT, *DISTILL], [*DISTILL, "train.lr=2e-4"]),
     # the hidden-size bar for the one-shot recipe: as oneshot_ce, 576 -> 480 (massive channels protected)
-    "hidden_ce": ([*ONESHOT, *HIDDEN], []),
+    "hidden_ce": ([*ONESHOT, "train.distill.weight=0", *HIDDEN], L0_CPT),
 }
 WARMUP = 60  # demo_prune.yaml's pruning.lagrangian_warmup_steps
 

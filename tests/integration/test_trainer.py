@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from drpruning.config import ConfigError, load_config
 from drpruning.data.sampler import MixtureSampler
+from drpruning.pruning import Pruner, attach, export_run
+from drpruning.pruning.importance import calibrate
 from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
@@ -218,14 +220,33 @@ def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
     assert evals[-1]["mean_loss"] < evals[0]["mean_loss"] + 0.5  # training went on under the exact masks
 
 
-def test_one_shot_importance_prunes_at_step_zero_and_trains_under_fixed_masks(tmp_path, model_dir):
+def test_one_shot_cuts_at_step_zero_and_trains_the_compact_model(tmp_path, model_dir):
     ov = overrides(tmp_path, model_dir, **{"train.steps": 4, "train.eval_every": 2}) + [
         "pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
-        "pruning.target.intermediate_size=32"]
-    trainer = Trainer(load_config(None, ov))
-    seen = before_each_step(trainer, lambda: trainer.pruner.deterministic_masks(exact=True))
+        "pruning.target.intermediate_size=32", "train.distill.weight=0.5"]
+    cfg = load_config(None, ov)
+    trainer = Trainer(cfg)
+    assert trainer.pruner is None and trainer.teacher is not None
+    cut = tmp_path / "run" / "cut"
+    compact = AutoModelForCausalLM.from_pretrained(cut).config
+    assert (compact.num_hidden_layers, compact.intermediate_size) == (2, 32)
+    # the trained model is the compact one, and the teacher is the whole source, not a second copy of it
+    assert sum(p.numel() for p in trainer.model.parameters()) == \
+        sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(cut).parameters())
+    source = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sum(p.numel() for p in trainer.teacher.parameters()) == sum(p.numel() for p in source.parameters())
+    # the cut is the exact-mask model of an independently calibrated pruner, sliced
+    pruner = Pruner(source.config, cfg.pruning, 4)
+    calibrate(pruner, source, trainer.corpus.train, cfg.train.micro_batch_size)
+    ids = trainer.corpus.eval[0][:2]
+    attach(source, pruner)
+    pruner.eval(exact=True)
+    with torch.no_grad():
+        expected = source(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(cut)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
     out = trainer.run()
-    assert all(torch.equal(seen[0][s], seen[3][s]) for s in seen[0])  # cut once, by the calibration scores
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["kind"] for r in records][:2] == ["calibration", "eval"]
     assert not any("lagrangian" in r for r in records if r["kind"] == "train")
@@ -233,3 +254,8 @@ def test_one_shot_importance_prunes_at_step_zero_and_trains_under_fixed_masks(tm
     assert all(r["shape"]["num_hidden_layers"] == 2 and r["shape"]["intermediate_size"] == 32 for r in evals)
     config = AutoModelForCausalLM.from_pretrained(out).config
     assert (config.num_hidden_layers, config.intermediate_size) == (2, 32)
+    # `drpruning export` of a one-shot checkpoint: the compact model of that step
+    exported = export_run(tmp_path / "run", "step-4", tmp_path / "exported")
+    for a, b in zip(AutoModelForCausalLM.from_pretrained(exported).parameters(),
+                    AutoModelForCausalLM.from_pretrained(out).parameters(), strict=True):
+        assert torch.equal(a, b)

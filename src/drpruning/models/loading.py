@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -296,3 +297,19 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32):
     if "gguf_file" in kwargs:
         _drop_gguf_quantization(model)
     return model.eval(), tokenizer
+
+
+def save_model(model: torch.nn.Module, out: str | Path, tokenizer: Any = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """A Hugging Face folder (safetensors, config, generation config, tokenizer) that `from_pretrained` and
+    `lm_eval --model hf` open, readable as the user's umask allows; `dtype` converts the model in place."""
+    from drpruning.paths import follow_umask
+
+    out = Path(out)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    follow_umask(out)
+    return out

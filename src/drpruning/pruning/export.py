@@ -26,9 +26,11 @@ from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from drpruning.models.families import family_of
+from drpruning.models.loading import save_model
 from drpruning.models.shape import Shape, derive_config
-from drpruning.paths import follow_umask
 from drpruning.pruning.pruner import Pruner
+
+CUT_DIR = "cut"  # in a one-shot run's folder: the compact model it trains (drpruning.pruning.one_shot)
 
 
 def _kept(mask: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,14 +163,7 @@ def export_model(
 ) -> Path:
     """Write the compact model (safetensors, config.json with the target shape, generation config, tokenizer)
     to `out_dir`; `dtype` defaults to the source weights' dtype. Returns the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    new = build_pruned_model(model, pruner, dtype)
-    new.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    follow_umask(out)
-    return out
+    return save_model(build_pruned_model(model, pruner, dtype), out_dir, tokenizer)
 
 
 def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str | Path | None = None) -> Path:
@@ -195,8 +190,27 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str 
         raise ConfigError(f"checkpoint {folder} does not exist; available: "
                           f"{', '.join(f'step-{s}' for s in checkpointer.steps()) or 'none'}")
     checkpointer.verify(int(checkpoint.removeprefix("step-")))
+    out = Path(out_dir or run_dir / "model")
+    if cfg.pruning.method == "importance":  # a one-shot run trains the compact model cut in RUN_DIR/cut
+        return _export_compact(run_dir, folder, out, cfg.model.source)
     model, tokenizer = load_source(cfg.model.source)
     read_weights(folder, model)
     pruner = Pruner(model.config, cfg.pruning, cfg.train.steps)
     read_pruner(folder, pruner)
-    return export_model(model, pruner, out_dir or run_dir / "model", tokenizer)
+    return export_model(model, pruner, out, tokenizer)
+
+
+def _export_compact(run_dir: Path, checkpoint: Path, out: Path, source: str) -> Path:
+    from drpruning.config import ConfigError
+    from drpruning.models.loading import load_model as load_compact
+    from drpruning.models.loading import load_model_config, source_dtype
+    from drpruning.training.checkpoint import read_weights
+
+    cut = run_dir / CUT_DIR
+    if not (cut / "config.json").is_file():
+        raise ConfigError(f"{cut} is missing: a one-shot run writes its compact model there at step 0 and its "
+                          "checkpoints hold that architecture; restore the folder from the run, or export "
+                          f"{run_dir / 'model'} instead")
+    model, tokenizer = load_compact(str(cut))
+    read_weights(checkpoint, model)
+    return save_model(model, out, tokenizer, source_dtype(load_model_config(source)[0]))

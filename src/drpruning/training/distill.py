@@ -11,9 +11,15 @@ from drpruning.training import distributed as dist
 from drpruning.training import parallel
 
 
-def load_teacher(cfg: RunConfig, student: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def load_teacher(cfg: RunConfig, student: torch.nn.Module, device: torch.device,
+                 loaded_source: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The frozen teacher; `loaded_source` (the source model, already in memory after a one-shot cut) is used
+    instead of a second copy when the teacher is the source."""
     source = cfg.train.distill.teacher or cfg.model.source
-    teacher, _ = load_model(source, dtype=cfg.model.dtype)
+    if loaded_source is not None and source == cfg.model.source:
+        teacher = loaded_source
+    else:
+        teacher, _ = load_model(source, dtype=cfg.model.dtype)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ConfigError(f"train.distill.teacher {source!r} has a vocabulary of {teacher.config.vocab_size}, the "
                           f"student {student.config.vocab_size}: the teacher must share the student's tokenizer")

@@ -22,11 +22,10 @@ from drpruning.data import MixtureSampler, check_sources, initial_proportions, l
 from drpruning.evaluation.perplexity import domain_nll, loss_and_error
 from drpruning.loss import autocast, autocast_dtype, token_losses
 from drpruning.mixing import build_mixer
-from drpruning.models.loading import load_model, load_model_config, model_max_length, source_dtype
+from drpruning.models.loading import load_model, load_model_config, model_max_length, save_model, source_dtype
 from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
-from drpruning.paths import follow_umask
 from drpruning.plan import check_memory
-from drpruning.pruning import Pruner, attach, export_model
+from drpruning.pruning import Pruner, attach, export_model, one_shot
 from drpruning.pruning.importance import calibrate
 from drpruning.pruning.summary import shape_summary
 from drpruning.training import checkpoint as ckpt
@@ -80,14 +79,27 @@ class Trainer:
         self.names = self.corpus.names
         self.initial = initial_proportions(cfg.data, self.names, self.corpus.train_tokens)
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
-        self.teacher = load_teacher(cfg, self.model, self.device) if t.distill.weight > 0 else None
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
 
-        self.pruner = None
+        self.pruner, self.cut, source = None, None, None
+        final_sparsity = None
         if cfg.pruning.enabled:
-            self.pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
-            self.pruner.seed(t.seed * RANK_SEED_STRIDE + dist.rank())
-            self.masked = attach(self.model, self.pruner)
-        final_sparsity = self.pruner.final_sparsity() if self.pruner is not None else None
+            pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
+            pruner.seed(t.seed * RANK_SEED_STRIDE + dist.rank())
+            final_sparsity = pruner.final_sparsity()
+            if pruner.one_shot:  # cut once, then train the compact model: the source stays whole (a teacher)
+                source = self.model
+                with autocast(self.device, self.amp_dtype):
+                    self.model, self.cut = one_shot.cut_once(
+                        self.run_dir, pruner, source, self.corpus.train, t.micro_batch_size, self.source_eval,
+                        self.tokenizer, bool(cfg.resume and self.checkpointer.steps()), cfg.model.dtype, self.main)
+                self.model.to(self.device)
+                dist.barrier()
+            else:
+                self.pruner = pruner
+                self.masked = attach(self.model, self.pruner)
+        self.teacher = load_teacher(cfg, self.model, self.device, source) if t.distill.weight > 0 else None
+        del source
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
         if t.activation_checkpointing:  # on the plain model, before DDP / FSDP wrap it (same numbers, less memory)
@@ -98,8 +110,11 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, t, cfg.pruning if self.pruner is not None else None)
         self.step = 0
         self.domain_tokens = [0] * len(self.names)
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
         self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
+
+    def source_eval(self) -> dict:
+        """The source model's held-out losses and their standard errors (one-shot pruning, before the cut)."""
+        return {"losses": self.evaluate(), "se": self.eval_se}
 
     def evaluate(self, exact: bool = False) -> list[float]:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
@@ -119,9 +134,10 @@ class Trainer:
 
     def evaluate_and_mix(self, last: bool) -> list[float]:
         losses = self.evaluate(exact=last)
-        self.log_eval(losses, **({"shape": shape_summary(self.pruner, last)} if self.pruner is not None else {}))
+        shape = shape_summary(self.pruner, last) if self.pruner is not None else (self.cut or {}).get("shape")
+        self.log_eval(losses, **({"shape": shape} if shape else {}))
         if self.main:
-            sparsity = self.pruner.expected_sparsity() if self.pruner is not None else None
+            sparsity = self.pruner.expected_sparsity() if self.pruner is not None else self.mixer.final_sparsity
             record = self.mixer.update(self.step, losses, list(self.domain_tokens), sparsity)
             self.metrics.write("mix", step=self.step, **record)
         proportions = dist.broadcast_floats(self.mixer.proportions)
@@ -241,12 +257,17 @@ class Trainer:
         else:
             if self.main and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
-            with self.masked.unmasked() if self.pruner is not None else contextlib.nullcontext():
-                if self.pruner is not None and self.cfg.pruning.init == "importance":
-                    with autocast(self.device, self.amp_dtype):
-                        kept = calibrate(self.pruner, self.model, self.corpus.train, self.cfg.train.micro_batch_size)
-                    self.metrics.write("calibration", step=0, protected_hidden=kept)
-                losses = self.evaluate()  # the source model itself: reference losses and the starting point
+            if self.cut is not None:  # one-shot: calibrated and evaluated before the cut
+                self.metrics.write("calibration", step=0, protected_hidden=self.cut["protected_hidden"])
+                losses, self.eval_se = self.cut["source_eval"]["losses"], self.cut["source_eval"]["se"]
+            else:
+                with self.masked.unmasked() if self.pruner is not None else contextlib.nullcontext():
+                    if self.pruner is not None and self.cfg.pruning.init == "importance":
+                        with autocast(self.device, self.amp_dtype):
+                            kept = calibrate(self.pruner, self.model, self.corpus.train,
+                                             self.cfg.train.micro_batch_size)
+                        self.metrics.write("calibration", step=0, protected_hidden=kept)
+                    losses = self.evaluate()  # the source model itself: reference losses and the starting point
             self.log_eval(losses)
             self.mixer.start(losses)
         self.model.train()  # from_pretrained gives eval mode (dropout off); a resumed run has not evaluated yet
@@ -283,11 +304,10 @@ class Trainer:
             if self.pruner is not None:
                 export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
                 shape, extra = self.pruner.target, {"tie_groups": self.pruner.tie_groups(exact=True)}
-            else:
-                model.to(self.save_dtype or next(model.parameters()).dtype).save_pretrained(out)
-                self.tokenizer.save_pretrained(out)
-                follow_umask(out)
-                shape, extra = source_shape(self.model.config), {}
+            else:  # continued pretraining, or a one-shot run: the model is already compact
+                save_model(model, out, self.tokenizer, self.save_dtype)
+                shape, extra = source_shape(self.model.config), {"tie_groups": self.cut["tie_groups"]} if self.cut \
+                    else {}
             self.metrics.write("final", step=self.step, model_dir=str(out),
                                shape={key: getattr(shape, key) for key in SHAPE_KEYS}, **extra)
         dist.barrier()
