@@ -29,6 +29,7 @@ Variants (overrides of the demo's two stages, each pinning method, lr and distil
               minitron's prune stage: same overrides and seed); minitron_cpt2 is the demo's recipe now
 - hidden_minitron: as minitron, with the hidden size pruned too (576 -> 480)
 - kl75 / kl:  one-shot at lr 5e-4 with KL weight 0.75 / 1.0 in both stages, the continued run at lr 2e-4
+- minitron_kdprune: minitron_cpt2 with cross-entropy alone in the continued run (the teacher in pruning only)
 
 Columns: mean / worst held-out loss of the source, after pruning (the pruning run's last evaluation before
 the final, exact one), after the export (the exported model, the continued run's step 0), after continued
@@ -90,6 +91,8 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, contin
     # more of the KL: the worst domain (docs) gained 0.08 from half KL over cross-entropy alone
     "kl75": ([*ONESHOT, *KL75], [*KL75, "train.lr=2e-4"]),
     "kl": ([*ONESHOT, *DISTILL], [*DISTILL, "train.lr=2e-4"]),
+    # the teacher in the pruning stage only: the continued run costs what the L0 recipe's does
+    "minitron_kdprune": ([*ONESHOT, *HALF], ["train.lr=2e-4", "train.distill.weight=0"]),
     # the hidden-size bar for the one-shot recipe: as oneshot_ce, 576 -> 480 (massive channels protected)
     "hidden_ce": ([*ONESHOT, "train.distill.weight=0", *HIDDEN], L0_CPT),
 }

@@ -40,6 +40,7 @@ SHARED = ROOT.parent / "shared"
 OUT = ROOT / "runs" / "compare"
 
 SETTINGS = {"mono": "mono.yaml", "multi": "multi.yaml"}
+DISTILL = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]  # teacher: the source (named in run())
 ARMS = {
     # the paper's initial proportions throughout
     "constant": ["mixing.method=constant"],
@@ -49,8 +50,14 @@ ARMS = {
     "dro": ["mixing.method=dro", "mixing.reference=source", "mixing.dynamic_ratio=false"],
     # DRPruning: DRO + scaling-law references + moving reference ratio
     "drpruning": ["mixing.method=drpruning"],
+    # equal proportions throughout: the stratified baseline data-mixing studies find hard to beat (issue 13)
+    "uniform": ["mixing.method=constant", "data.proportions=null"],
+    # DRPruning with half cross-entropy, half KL to SmolLM2-135M in both stages
+    "drpruning_distill": ["mixing.method=drpruning", *DISTILL],
+    # Minitron's recipe: one-shot importance pruning, half KL to SmolLM2, the paper's constant mix
+    "minitron": ["mixing.method=constant", "pruning.method=importance", *DISTILL],
 }
-SEEDS = [0, 1]
+SEEDS = [0, 1, 2]
 TASKS = ["arc_easy", "piqa", "copa"]
 TASK_LIMIT = 50  # items per task
 UD_PUD = {"en": "en.txt", "ru": "ru.txt", "zh": "zh.txt", "ja": "ja-gsd.txt", "ar": "ar.txt", "tr": "tr.txt",
@@ -154,7 +161,8 @@ def run(args) -> None:
                 try:
                     common = [f"train.seed={seed}", *ARMS[arm]]
                     pruned = stage("prune.yaml", setting, base / "prune", [f"model.source={source}", *common])
-                    cont = stage("cpt.yaml", setting, base / "cpt", [f"model.source={pruned}", *common])
+                    cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
+                                 [f"model.source={pruned}", f"train.distill.teacher={source}", *common])
                     evaluate_final(cont, setting, base / "eval.json")
                 finally:
                     (base / "owner.pid").unlink(missing_ok=True)

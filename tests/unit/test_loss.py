@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from drpruning.loss import distill_kl, nll_from_logits
+from drpruning.loss import nll_and_kl, nll_from_logits
 
 
 def test_nll_is_torch_cross_entropy():
@@ -86,16 +86,28 @@ def test_chunked_nll_makes_float32_temporaries_of_one_chunk_only(dtype):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("chunk", [1, 3, 1024])
-def test_distill_kl_equals_kl_div_on_full_logits_with_gradients(temperature, chunk):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nll_and_kl_equal_cross_entropy_and_kl_div_on_full_logits_with_gradients(temperature, chunk, dtype):
     g = torch.Generator().manual_seed(1)
-    student = torch.randn(2, 7, 13, generator=g, requires_grad=True)
-    teacher = torch.randn(2, 7, 13, generator=g)
-    got = distill_kl(student, teacher, temperature, chunk_rows=chunk)
-    ref = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                   log_target=True, reduction="none").sum(-1) * temperature**2
-    assert got.shape == (2, 7)
-    assert torch.allclose(got, ref, atol=1e-6)
-    (g1,) = torch.autograd.grad(got.sum(), student)
-    (g2,) = torch.autograd.grad(ref.sum(), student)
-    assert torch.allclose(g1, g2, atol=1e-6)
-    assert distill_kl(teacher.clone().requires_grad_(), teacher, temperature).abs().max() < 1e-6
+    student = torch.randn(2, 8, 13, generator=g).to(dtype).requires_grad_()
+    teacher = torch.randn(2, 8, 13, generator=g).to(dtype)
+    targets = torch.randint(0, 13, (2, 7), generator=g)
+    nll, kl = nll_and_kl(student, targets, teacher, temperature, chunk_rows=chunk)
+    # the reference: autograd through torch's own losses on float64 copies of the first 7 positions
+    s, t = student.double()[:, :7], teacher.double()[:, :7]
+    ref_nll = F.cross_entropy(s.flatten(0, 1), targets.flatten(), reduction="none").view(2, 7)
+    ref_kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                      log_target=True, reduction="none").sum(-1) * temperature**2
+    assert nll.shape == kl.shape == (2, 7) and nll.dtype == kl.dtype == torch.float32
+    assert torch.allclose(nll.double(), ref_nll, atol=1e-5) and torch.allclose(kl.double(), ref_kl, atol=1e-5)
+    # a weighting of both terms, as the trainer's (1 - w) nll + w kl, so both gradient paths are checked
+    wn, wk = torch.rand(2, 7, generator=g), torch.rand(2, 7, generator=g)
+    (g1,) = torch.autograd.grad((nll * wn).sum() + (kl * wk).sum(), student, retain_graph=True)
+    (g2,) = torch.autograd.grad((ref_nll * wn).sum() + (ref_kl * wk).sum(), student, retain_graph=True)
+    assert g1.dtype == dtype and torch.equal(g1[:, 7:], torch.zeros_like(g1[:, 7:]))
+    assert torch.allclose(g1.double(), g2.double(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+    (g3,) = torch.autograd.grad(kl.sum(), student)  # one term alone: the other's gradient is None
+    (g4,) = torch.autograd.grad(ref_kl.sum(), student)
+    assert torch.allclose(g3.double(), g4.double(), atol=1e-5 if dtype == torch.float32 else 1e-2)
+    same = teacher.clone().requires_grad_()
+    assert nll_and_kl(same, targets, teacher, temperature)[1].abs().max() < 1e-5
