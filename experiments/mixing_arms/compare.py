@@ -58,12 +58,13 @@ ARMS = {
     "minitron": ["mixing.method=constant", "pruning.method=importance", *DISTILL],
 }
 SEEDS = [0, 1, 2]
-TASKS = ["arc_easy", "piqa", "copa"]
-TASK_LIMIT = 50  # items per task
+# every task of ../shared/eval on its full item set (issue 13); `run --task-limit N` for a quick look
+TASKS = ["arc_easy", "piqa", "boolq", "copa", "openbook_qa", "logi_qa", "siqa", "winogrande", "lambada_openai"]
+LM_EVAL_ARMS = ("constant", "drpruning")  # their final models are scored by lm-eval too: the scorers' agreement
 UD_PUD = {"en": "en.txt", "ru": "ru.txt", "zh": "zh.txt", "ja": "ja-gsd.txt", "ar": "ar.txt", "tr": "tr.txt",
           "ko": "ko.txt", "th": "th.txt"}
 UD_SEQ_LEN = 128
-UD_SEQUENCES = 4  # sequences of UD_SEQ_LEN tokens per language
+UD_SEQUENCES = 32  # sequences of UD_SEQ_LEN tokens per language
 
 log = logging.getLogger("compare")
 
@@ -120,14 +121,25 @@ def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Pat
     return out
 
 
-def evaluate_final(model_dir: Path, setting: str, out: Path) -> None:
-    """Downstream accuracy (and UD-PUD bits per character for multi) of a model, into out (JSON)."""
+def evaluate_final(model_dir: Path, setting: str, out: Path, limit: int | None = None,
+                   lm_eval: bool = False) -> None:
+    """Downstream accuracy (and UD-PUD bits per character for multi) of a model, into out (JSON); with
+    `lm_eval`, the same tasks through lm-evaluation-harness too (lm_eval.json beside it)."""
+    if lm_eval and not (out.parent / "lm_eval.json").is_file():
+        from drpruning.evaluation.lm_eval_bridge import run_lm_eval
+
+        set_threads()
+        t0 = time.perf_counter()
+        res = run_lm_eval(model_dir, TASKS, limit=limit, task_dir=SHARED / "eval", dtype="float32", device="cpu")
+        res["wall_s"] = time.perf_counter() - t0
+        (out.parent / "lm_eval.json").write_text(json.dumps(res, indent=2) + "\n")
     if out.is_file():
         return
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from drpruning.evaluation import evaluate
+    from drpruning.loss import autocast_dtype
 
     set_threads()
     t0 = time.perf_counter()
@@ -135,7 +147,8 @@ def evaluate_final(model_dir: Path, setting: str, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = {lang: SHARED / "data" / "ud-pud" / f for lang, f in UD_PUD.items()} if setting == "multi" else None
     results = evaluate(model, tokenizer, data=data, tasks=TASKS, seq_len=UD_SEQ_LEN, max_sequences=UD_SEQUENCES,
-                       limit=TASK_LIMIT, batch_size=16, task_dir=SHARED / "eval", dtype=torch.bfloat16,
+                       limit=limit, batch_size=16, task_dir=SHARED / "eval",
+                       dtype=autocast_dtype("auto", torch.device("cpu")),  # bf16 only where the CPU has it
                        progress=False)
     results["model"] = str(model_dir)
     results["wall_s"] = time.perf_counter() - t0
@@ -150,7 +163,7 @@ def run(args) -> None:
     source = fetch_model("smollm2-135m")
     for seed in args.seeds:
         for setting in args.settings:
-            evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json")
+            evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json", args.task_limit)
             for arm in args.arms:
                 base = OUT / setting / arm / f"seed{seed}"
                 if (base / "eval.json").is_file():
@@ -163,7 +176,7 @@ def run(args) -> None:
                     pruned = stage("prune.yaml", setting, base / "prune", [f"model.source={source}", *common])
                     cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
                                  [f"model.source={pruned}", f"train.distill.teacher={source}", *common])
-                    evaluate_final(cont, setting, base / "eval.json")
+                    evaluate_final(cont, setting, base / "eval.json", args.task_limit, arm in LM_EVAL_ARMS)
                 finally:
                     (base / "owner.pid").unlink(missing_ok=True)
     log.info("done: every (setting, arm, seed) of this process is finished or owned by another process")
@@ -227,14 +240,14 @@ def summary(losses: dict[str, float]) -> dict[str, float]:
 
 
 def pm(values: list[float], digits: int = 3) -> str:
-    """mean +- half the range over seeds (for two seeds: mean +- half their difference)."""
+    """mean [min, max] over seeds."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
     m = statistics.fmean(values)
     if len(values) == 1:
         return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+    return f"{m:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -309,7 +322,7 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
                      pm([x["mean"] for x in s_c]), pm([x["worst"] for x in s_c]) + f" ({'/'.join(worst_names)})",
                      pm([x["spread"] for x in s_c])])
     parts.append("Held-out loss (nats/token; perplexity = exp) over the domains: mean, worst domain, spread "
-                 "(population standard deviation across domains). Mean ± half the range over seeds.\n")
+                 "(population standard deviation across domains). Mean [min, max] over seeds.\n")
     parts.append(md_table(["arm", "seeds", "pruned: mean", "pruned: worst", "pruned: spread", "CPT: mean",
                            "CPT: worst (domain)", "CPT: spread"], rows))
     # per-domain perplexity
@@ -325,19 +338,22 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
     # downstream
     src_eval = json.loads((OUT / setting / "source" / "eval.json").read_text()) \
         if (OUT / setting / "source" / "eval.json").is_file() else None
-    rows = []
-    if src_eval:
-        rows.append(["source", "-"] + [f"{src_eval['tasks'][t]['acc']:.3f}" for t in TASKS]
-                    + [f"{statistics.fmean(src_eval['tasks'][t]['acc'] for t in TASKS):.3f}"])
-    for arm in arms:
-        seeds = sorted(results[arm])
-        accs = {t: [results[arm][s]["eval"]["tasks"][t]["acc"] for s in seeds] for t in TASKS}
-        avg = [statistics.fmean(results[arm][s]["eval"]["tasks"][t]["acc"] for t in TASKS) for s in seeds]
-        rows.append([arm, ",".join(map(str, seeds))] + [pm(accs[t]) for t in TASKS] + [pm(avg)])
     n_items = {t: (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]["n"] for t in TASKS}
-    parts.append("\nDownstream accuracy after continued pretraining (zero-shot, acc; items per task: "
-                 + ", ".join(f"{t} {n_items[t]}" for t in TASKS) + "; chance: arc_easy 0.25, piqa 0.5, copa 0.5):\n")
-    parts.append(md_table(["arm", "seeds"] + TASKS + ["average"], rows))
+    for metric in ("acc", "acc_norm"):  # acc_norm: the multiple-choice tasks that have it
+        tasks = [t for t in TASKS if metric in (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]]
+        rows = []
+        if src_eval:
+            rows.append(["source", "-"] + [f"{src_eval['tasks'][t][metric]:.3f}" for t in tasks]
+                        + [f"{statistics.fmean(src_eval['tasks'][t][metric] for t in tasks):.3f}"])
+        for arm in arms:
+            seeds = sorted(results[arm])
+            accs = {t: [results[arm][s]["eval"]["tasks"][t][metric] for s in seeds] for t in tasks}
+            avg = [statistics.fmean(results[arm][s]["eval"]["tasks"][t][metric] for t in tasks) for s in seeds]
+            rows.append([arm, ",".join(map(str, seeds))] + [pm(accs[t]) for t in tasks] + [pm(avg)])
+        parts.append(f"\nDownstream {metric} after continued pretraining (zero-shot, the project's scorer; items "
+                     "per task: " + ", ".join(f"{t} {n_items[t]}" for t in tasks) + "):\n")
+        parts.append(md_table(["arm", "seeds"] + tasks + ["average"], rows))
+    parts.append(scorer_agreement(setting, results))
     if setting == "multi":
         rows = []
         langs = list(UD_PUD)
@@ -378,6 +394,29 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def scorer_agreement(setting: str, results: dict[str, dict[int, dict]]) -> str:
+    """The project's scorer against lm-eval on the same final models: the largest |difference| per task."""
+    diffs: dict[tuple[str, str], list[float]] = {}
+    for arm in LM_EVAL_ARMS:
+        for seed in sorted(results.get(arm, {})):
+            path = OUT / setting / arm / f"seed{seed}" / "lm_eval.json"
+            if not path.is_file():
+                continue
+            lm = json.loads(path.read_text())
+            ours = results[arm][seed]["eval"]["tasks"]
+            for t in TASKS:
+                theirs = lm["results"].get(lm["tasks"].get(t, t), {})
+                for metric in ("acc", "acc_norm"):
+                    if metric in ours[t] and isinstance(theirs.get(metric), (int, float)):
+                        diffs.setdefault((t, metric), []).append(abs(ours[t][metric] - theirs[metric]))
+    if not diffs:
+        return "\nlm-eval agreement: no lm-eval result yet.\n"
+    rows = [[t, m, str(len(v)), f"{max(v):.4f}"] for (t, m), v in sorted(diffs.items())]
+    return ("\nThe project's scorer against `lm_eval --model hf` on the final models of "
+            f"{' and '.join(LM_EVAL_ARMS)} (largest |difference| over those models):\n\n"
+            + md_table(["task", "metric", "models", "max |ours - lm-eval|"], rows) + "\n")
+
+
 def write(args) -> None:
     out_dir = mkdir(HERE / "images")
     text = []
@@ -413,6 +452,7 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     r.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--task-limit", type=int, default=None, help="items per task (default: every item)")
     sub.add_parser("write", help="tables (runs/compare/tables.md, pasted into the README) and "
                                  "images/*.png from the finished runs")
     args = p.parse_args()

@@ -126,6 +126,17 @@ def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
     assert plan.target is not None and plan.target.total < plan.source.total
 
 
+def test_one_shot_plans_the_compact_model_with_the_source_resident(offline):
+    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"
+    l0 = make_plan(load_config(path), world=8, memory_gb=80)
+    plan = make_plan(load_config(path, ["pruning.method=importance"]), world=8, memory_gb=80)
+    config = l0.config
+    compact = derive_config(config, resolve_target(config, load_config(path).pruning))
+    setup = replace(plan.setup, structures=(), distill=True)  # no masks; the 7B source held as the teacher
+    assert plan.memory.peak == estimate(compact, setup, config).peak < l0.memory.peak
+    assert parameter_counts(compact, source_shape(compact)).total == plan.target.total
+
+
 def test_per_sequence_masks_are_named_as_uncounted_memory(offline):
     path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"
     assert not any("mask_samples" in w for w in make_plan(load_config(path), world=8, memory_gb=80).warnings)

@@ -7,14 +7,14 @@ cannot fit (unless force=true). docs/distributed.md explains the memory model an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from drpruning.config import ConfigError, RunConfig
 from drpruning.models.loading import ModelSourceError, load_model_config, source_dtype
-from drpruning.models.shape import Shape, resolve_target, source_shape
+from drpruning.models.shape import Shape, derive_config, resolve_target, source_shape
 from drpruning.plan.disk import DataDisk, checkpoint_bytes, data_disk, token_bytes
 from drpruning.plan.estimate import MemoryEstimate, Setup, estimate, fixes
 from drpruning.plan.memory import GB, ParamCounts, parameter_counts, pruner_params
@@ -103,6 +103,16 @@ def teacher_config(cfg: RunConfig, config: Any) -> Any | None:
     return config if teacher in (None, cfg.model.source) else read_model_config(teacher)[0]
 
 
+def trained(cfg: RunConfig, config: Any, setup: Setup, teacher: Any | None) -> tuple[Any, Setup, Any | None]:
+    """(config, setup, teacher) of what the run trains. One-shot pruning trains the compact model, no masks,
+    with the source resident: the teacher, or, without distillation, the model it cuts from (counted as a
+    teacher, its logits too: an over-estimate there)."""
+    if not (cfg.pruning.enabled and cfg.pruning.method == "importance"):
+        return config, setup, teacher
+    compact = derive_config(config, resolve_target(config, cfg.pruning))
+    return compact, replace(setup, structures=(), distill=True), teacher or config
+
+
 def device_memory(device: torch.device | str) -> tuple[int, str]:
     """Bytes one process may use: a CUDA device's total memory, or this machine's available RAM shared by
     its local processes (torchrun's LOCAL_WORLD_SIZE)."""
@@ -124,8 +134,8 @@ def make_plan(cfg: RunConfig, world: int = 1, memory_gb: float | None = None, de
     counts = parameter_counts(config, src)
     shape = resolve_target(config, cfg.pruning) if cfg.pruning.enabled else None
     setup = setup_of(cfg, config, world, device)
-    teacher = teacher_config(cfg, config)
-    mem = estimate(config, setup, teacher)
+    model, trained_setup, teacher = trained(cfg, config, setup, teacher_config(cfg, config))
+    mem = estimate(model, trained_setup, teacher)
     if memory_gb is not None:
         limit, where = int(memory_gb * GB), "--device-memory"
     elif device == "cpu":  # the processes of one machine share its RAM
@@ -165,7 +175,7 @@ def make_plan(cfg: RunConfig, world: int = 1, memory_gb: float | None = None, de
     if limit * TIGHT < mem.peak <= limit:
         warnings.append(f"the estimate uses {mem.peak / limit:.0%} of the device memory: allocator overhead "
                         "(and on a GPU the CUDA context) may not fit in the rest")
-    fix = () if mem.peak <= limit else tuple(fixes(config, setup, limit, teacher))
+    fix = () if mem.peak <= limit else tuple(fixes(model, trained_setup, limit, teacher))
     data = data_disk(cfg.data, config.vocab_size)
     n_pruner = pruner_params(src, setup.structures, setup.head_mode) if setup.structures else 0
     save = source_dtype(config)
@@ -247,8 +257,8 @@ def check_memory(cfg: RunConfig, config: Any, device: torch.device, world: int,
     unless force=true. Called by the trainer before it loads any weights."""
     if cfg.force:
         return
-    setup = setup_of(cfg, config, world, device.type)
-    teacher = teacher_config(cfg, config)
+    config, setup, teacher = trained(cfg, config, setup_of(cfg, config, world, device.type),
+                                     teacher_config(cfg, config))
     mem = estimate(config, setup, teacher)
     where = "the given limit"
     if limit is None:
