@@ -14,6 +14,8 @@ pruning and after continued pretraining come from the continued-pretraining run'
 
     nohup nice -n 10 .venv/bin/python experiments/mixing_arms/compare.py run > runs/compare/run.log 2>&1 &
 
+A finished (setting, arm, seed) copies its metrics and evaluations into experiments/mixing_arms/results/
+(committed: `write` reads only these, so the tables regenerate on any checkout) and is skipped from then on.
 An interrupted run is resumed by starting the same command again: a stage whose RUN_DIR/model exists is
 skipped, a stage with checkpoints continues from the last one (resume=true), an evaluation whose eval.json
 exists is skipped. Runs go seed by seed (seed 0 of every setting and arm first), so a partial benchmark still
@@ -23,6 +25,7 @@ covers every arm.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import math
@@ -37,7 +40,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CONFIGS = HERE / "configs"
 SHARED = ROOT.parent / "shared"
-OUT = ROOT / "runs" / "compare"
+OUT = ROOT / "runs" / "compare"  # working folders: checkpoints, models (not committed)
+# what a finished (setting, arm, seed) leaves, committed, so that later sessions on fresh machines resume the
+# comparison and regenerate its tables: the metrics of both stages, their wall times, the evaluations
+RESULTS = HERE / "results"
+KEEP = ("prune/metrics.jsonl", "prune/wall_s.txt", "cpt/metrics.jsonl", "cpt/wall_s.txt", "eval.json",
+        "lm_eval.json")
 
 SETTINGS = {"mono": "mono.yaml", "multi": "multi.yaml"}
 DISTILL = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]  # teacher: the source (named in run())
@@ -163,10 +171,13 @@ def run(args) -> None:
     source = fetch_model("smollm2-135m")
     for seed in args.seeds:
         for setting in args.settings:
-            evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json", args.task_limit)
+            if not (RESULTS / setting / "source" / "eval.json").is_file():
+                evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json",
+                               args.task_limit)
+                keep(OUT / setting / "source", RESULTS / setting / "source")
             for arm in args.arms:
                 base = OUT / setting / arm / f"seed{seed}"
-                if (base / "eval.json").is_file():
+                if (RESULTS / setting / arm / f"seed{seed}" / "eval.json").is_file():
                     continue
                 if not acquire(base):
                     log.info("%s: another compare.py process is on it, skipping", base)
@@ -177,6 +188,7 @@ def run(args) -> None:
                     cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
                                  [f"model.source={pruned}", f"train.distill.teacher={source}", *common])
                     evaluate_final(cont, setting, base / "eval.json", args.task_limit, arm in LM_EVAL_ARMS)
+                    keep(base, RESULTS / setting / arm / f"seed{seed}")
                 finally:
                     (base / "owner.pid").unlink(missing_ok=True)
     log.info("done: every (setting, arm, seed) of this process is finished or owned by another process")
@@ -202,6 +214,24 @@ def acquire(base: Path) -> bool:
     return True
 
 
+def keep(base: Path, dest: Path) -> None:
+    """Copy a finished unit's KEEP files from its working folder into `dest`, all or nothing (a temporary
+    folder renamed into place), for `git add experiments/mixing_arms/results`."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in KEEP:
+        if (base / name).is_file():
+            mkdir((tmp / name).parent)
+            if name.endswith(".jsonl"):  # ~5x smaller in git
+                with open(base / name, "rb") as src, gzip.open(tmp / f"{name}.gz", "wb") as out:
+                    shutil.copyfileobj(src, out)
+            else:
+                shutil.copy2(base / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(mkdir(tmp), dest)
+    log.info("%s: kept in %s", base, dest)
+
+
 def mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -209,9 +239,15 @@ def mkdir(p: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
+    """The records of a metrics.jsonl, or of the metrics.jsonl.gz that `keep` made of it."""
+    packed = path.with_name(path.name + ".gz")
+    if path.is_file():
+        text = path.read_text()
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def evals(records: list[dict]) -> list[dict]:
@@ -220,7 +256,7 @@ def evals(records: list[dict]) -> list[dict]:
 
 def collect(setting: str, arm: str, seed: int) -> dict | None:
     """The numbers of one finished (prune, cpt, eval) triple, or None when any part is missing."""
-    base = OUT / setting / arm / f"seed{seed}"
+    base = RESULTS / setting / arm / f"seed{seed}"
     prune, cpt = read_metrics(base / "prune" / "metrics.jsonl"), read_metrics(base / "cpt" / "metrics.jsonl")
     if not (base / "eval.json").is_file() or not any(r.get("kind") == "final" for r in cpt):
         return None
@@ -336,8 +372,8 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
         parts.append(f"\nPer-domain held-out perplexity {label} (source row: the unpruned model):\n")
         parts.append(md_table(["arm", "seeds"] + names, rows))
     # downstream
-    src_eval = json.loads((OUT / setting / "source" / "eval.json").read_text()) \
-        if (OUT / setting / "source" / "eval.json").is_file() else None
+    src_eval = json.loads((RESULTS / setting / "source" / "eval.json").read_text()) \
+        if (RESULTS / setting / "source" / "eval.json").is_file() else None
     n_items = {t: (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]["n"] for t in TASKS}
     for metric in ("acc", "acc_norm"):  # acc_norm: the multiple-choice tasks that have it
         tasks = [t for t in TASKS if metric in (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]]
@@ -399,7 +435,7 @@ def scorer_agreement(setting: str, results: dict[str, dict[int, dict]]) -> str:
     diffs: dict[tuple[str, str], list[float]] = {}
     for arm in LM_EVAL_ARMS:
         for seed in sorted(results.get(arm, {})):
-            path = OUT / setting / arm / f"seed{seed}" / "lm_eval.json"
+            path = RESULTS / setting / arm / f"seed{seed}" / "lm_eval.json"
             if not path.is_file():
                 continue
             lm = json.loads(path.read_text())
@@ -435,7 +471,7 @@ def write(args) -> None:
         for p in plots(setting, results, out_dir):
             text.append(f"![{p.stem}](images/{p.name})\n")
     tables = "\n".join(text) + "\nRun status:\n\n" + "\n".join(f"- {s}" for s in status) + "\n"
-    (OUT / "tables.md").write_text(tables)
+    (mkdir(OUT) / "tables.md").write_text(tables)
     doc = HERE / "README.md"
     begin, end = "<!-- compare.py write: begin -->", "<!-- compare.py write: end -->"
     if doc.is_file() and begin in doc.read_text() and end in doc.read_text():
