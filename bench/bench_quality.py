@@ -26,11 +26,12 @@ Variants (overrides of the demo's two stages, each pinning method, lr and distil
 - oneshot_ce: one-shot at lr 5e-4, cross-entropy only (no teacher)
 - hidden_ce:  as oneshot_ce, with the hidden size pruned too (576 -> 480)
 - minitron_cpt1 / minitron_cpt2: minitron with the continued run at lr 1e-4 / 2e-4 (the measured runs reused
-              minitron's prune stage: same overrides and seed); minitron_cpt2 is the demo's recipe now
+              minitron's prune stage: same overrides and seed); the demo's recipe until t2
 - hidden_minitron: as minitron, with the hidden size pruned too (576 -> 480)
 - kl75 / kl:  one-shot at lr 5e-4 with KL weight 0.75 / 1.0 in both stages, the continued run at lr 2e-4
 - minitron_kdprune: minitron_cpt2 with cross-entropy alone in the continued run (the teacher in pruning only)
-- t2 / rho3:  minitron_cpt2 with distillation temperature 2 / the DRO ball's radius 0.3 (not 0.1) in both stages
+- t2 / rho3:  minitron_cpt2 with distillation temperature 2 (the demo now) / the DRO ball's radius 0.3 (not 0.1)
+              in both stages
 - srcref:     minitron_cpt2 with DRO against SmolLM2's own held-out losses (fixed references, moving ratio)
               instead of scaling-law references (embedded corpus only: the numbers are its source losses)
 
@@ -91,7 +92,7 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, contin
     "oneshot_ce": ([*ONESHOT, "train.distill.weight=0"], L0_CPT),
     # minitron with a continued run at a lower lr: its 5e-4 re-warmup lifted the loss 2.38 -> 2.56 in 12 steps
     "minitron_cpt1": ([*ONESHOT, *HALF], [*HALF, "train.lr=1e-4"]),
-    "minitron_cpt2": ([*ONESHOT, *HALF], [*HALF, "train.lr=2e-4"]),  # the demo since issue 11
+    "minitron_cpt2": ([*ONESHOT, *HALF], [*HALF, "train.lr=2e-4"]),  # the demo until t2
     "hidden_minitron": ([*ONESHOT, *HALF, *HIDDEN], [*HALF, "train.lr=5e-4"]),
     # more of the KL: the worst domain (docs) gained 0.08 from half KL over cross-entropy alone
     "kl75": ([*ONESHOT, *KL75], [*KL75, "train.lr=2e-4"]),
@@ -185,29 +186,33 @@ def summarise(folder: Path) -> dict | None:
             "load": [walls.get("prune_load"), walls.get("cpt_load")]}
 
 
-def table(out: Path, corpora: list[str], seeds: list[int], variants: list[str]) -> tuple[str, dict]:
+def table(raw: dict[str, list[dict]]) -> str:
+    """The markdown table of every `corpus/variant` key's finished runs."""
     lines = ["| corpus | variant | seeds | source mean / worst | after pruning | after export | after CPT | "
              "CPT - source (mean / worst) | export gap | max jump | wall min (max load) |", "|" + "---|" * 11]
-    raw = {}
-    for corpus in corpora:
-        for variant in variants:
-            runs = [s for s in (summarise(out / corpus / variant / f"seed{k}") for k in seeds) if s is not None]
-            raw[f"{corpus}/{variant}"] = runs
-            if not runs:
-                continue
+    for key, runs in raw.items():
+        if not runs:
+            continue
+        corpus, variant = key.split("/")
 
-            def f(key: str, i: int | None = None, runs: list[dict] = runs) -> str:
-                vals = [r[key] if i is None else r[key][i] for r in runs]
-                m = statistics.mean(vals)
-                return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ({min(vals):.2f}-{max(vals):.2f})"
+        def f(name: str, i: int | None = None, runs: list[dict] = runs) -> str:
+            vals = [r[name] if i is None else r[name][i] for r in runs]
+            m = statistics.mean(vals)
+            return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ({min(vals):.2f}-{max(vals):.2f})"
 
-            delta = [(r["continued"][0] - r["source"][0], r["continued"][1] - r["source"][1]) for r in runs]
-            dm = f"+{statistics.mean(d[0] for d in delta):.2f} / +{statistics.mean(d[1] for d in delta):.2f}"
-            lines.append(f"| {corpus} | {variant} | {len(runs)} | {f('source', 0)} / {f('source', 1)} | "
-                         f"{f('pruned', 0)} / {f('pruned', 1)} | {f('exported', 0)} / {f('exported', 1)} | "
-                         f"{f('continued', 0)} / {f('continued', 1)} | {dm} | {f('gap')} | {f('max_jump')} | "
-                         f"{wall(runs)} |")
-    return "\n".join(lines) + "\n", raw
+        delta = [(r["continued"][0] - r["source"][0], r["continued"][1] - r["source"][1]) for r in runs]
+        dm = f"+{statistics.mean(d[0] for d in delta):.2f} / +{statistics.mean(d[1] for d in delta):.2f}"
+        lines.append(f"| {corpus} | {variant} | {len(runs)} | {f('source', 0)} / {f('source', 1)} | "
+                     f"{f('pruned', 0)} / {f('pruned', 1)} | {f('exported', 0)} / {f('exported', 1)} | "
+                     f"{f('continued', 0)} / {f('continued', 1)} | {dm} | {f('gap')} | {f('max_jump')} | "
+                     f"{wall(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def finished(out: Path, corpora: list[str], seeds: list[int], variants: list[str]) -> dict[str, list[dict]]:
+    """Every (corpus, variant)'s finished runs under `out`, keyed `corpus/variant`."""
+    return {f"{c}/{v}": [s for s in (summarise(out / c / v / f"seed{k}") for k in seeds) if s is not None]
+            for c in corpora for v in variants}
 
 
 def wall(runs: list[dict]) -> str:
@@ -220,8 +225,15 @@ def wall(runs: list[dict]) -> str:
 
 def write_table(path: Path, out: Path, corpora, seeds) -> None:
     """The table of every variant's finished runs (so that invocations running other variants side by side
-    never drop each other's rows)."""
-    text, raw = table(out, corpora, seeds, list(VARIANTS))
+    never drop each other's rows). A variant with no finished run under `out` keeps its runs from the
+    committed .json: they ran in an earlier session, on a machine whose run folders are gone."""
+    raw = finished(out, corpora, seeds, list(VARIANTS))
+    committed = path.with_suffix(".json")
+    earlier = json.loads(committed.read_text()) if committed.is_file() else {}
+    for key, runs in earlier.items():
+        if runs and not raw.get(key):
+            raw[key] = runs
+    text = table(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, body in ((path, text), (path.with_suffix(".json"), json.dumps(raw, indent=1) + "\n")):
         tmp = target.with_suffix(target.suffix + ".tmp")
