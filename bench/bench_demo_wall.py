@@ -1,6 +1,6 @@
 """Wall time of the demo's stages, recipe against recipe, side by side on one machine in one run (issue 11).
 
-    .venv/bin/python bench/bench_demo_wall.py [--steps 20] [--rounds 2] [--recipes l0 minitron]
+    .venv/bin/python bench/bench_demo_wall.py [--steps 20] [--rounds 2] [--recipes l0 t2]
 
 Each recipe (a variant of bench/bench_quality.py) runs the demo's prune stage (demo_prune.yaml) and continued
 stage (demo_cpt.yaml) through the CLI in a fresh process, shortened to --steps with the demo's proportions of
@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--recipes", nargs="+", default=["l0", "minitron_cpt2"], choices=list(VARIANTS))
+    ap.add_argument("--recipes", nargs="+", default=["l0", "t2"], choices=list(VARIANTS))
     args = ap.parse_args()
     from drpruning.models import fetch_model
 
