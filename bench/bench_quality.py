@@ -178,7 +178,8 @@ def summarise(folder: Path) -> dict | None:
     def pair(r: dict) -> tuple[float, float]:
         return r["mean_loss"], r["worst_loss"]
 
-    return {"source": pair(pe[0]), "pruned": pair(pe[-2]), "exported": pair(ce[0]), "continued": pair(ce[-1]),
+    return {"seed": int(folder.name.removeprefix("seed")),
+            "source": pair(pe[0]), "pruned": pair(pe[-2]), "exported": pair(ce[0]), "continued": pair(ce[-1]),
             "gap": ce[0]["mean_loss"] - pe[-2]["mean_loss"], "max_jump": max(jumps, default=0.0),
             # None unless both stages' wall times were measured (a stage finished by an earlier invocation)
             "wall_s": walls["prune"] + walls["cpt"] if "prune" in walls and "cpt" in walls else None,
@@ -225,14 +226,15 @@ def wall(runs: list[dict]) -> str:
 
 def write_table(path: Path, out: Path, corpora, seeds) -> None:
     """The table of every variant's finished runs (so that invocations running other variants side by side
-    never drop each other's rows). A variant with no finished run under `out` keeps its runs from the
-    committed .json: they ran in an earlier session, on a machine whose run folders are gone."""
+    never drop each other's rows). A seed of a variant with no finished run under `out` keeps its run from the
+    committed .json (seed by seed): they ran in an earlier session, on a machine whose run folders are gone."""
     raw = finished(out, corpora, seeds, list(VARIANTS))
     committed = path.with_suffix(".json")
     earlier = json.loads(committed.read_text()) if committed.is_file() else {}
-    for key, runs in earlier.items():
-        if runs and not raw.get(key):
-            raw[key] = runs
+    for key, runs in earlier.items():  # rows written before runs carried their seed were all seed 0
+        here = {r["seed"] for r in raw.get(key, [])}
+        kept = [r for r in runs if r.get("seed", 0) not in here]
+        raw[key] = sorted(raw.get(key, []) + kept, key=lambda r: r.get("seed", 0))
     text = table(raw)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, body in ((path, text), (path.with_suffix(".json"), json.dumps(raw, indent=1) + "\n")):
