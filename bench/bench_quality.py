@@ -202,7 +202,7 @@ def table(raw: dict[str, list[dict]]) -> str:
             return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ({min(vals):.2f}-{max(vals):.2f})"
 
         delta = [(r["continued"][0] - r["source"][0], r["continued"][1] - r["source"][1]) for r in runs]
-        dm = f"+{statistics.mean(d[0] for d in delta):.2f} / +{statistics.mean(d[1] for d in delta):.2f}"
+        dm = f"{statistics.mean(d[0] for d in delta):+.2f} / {statistics.mean(d[1] for d in delta):+.2f}"
         lines.append(f"| {corpus} | {variant} | {len(runs)} | {f('source', 0)} / {f('source', 1)} | "
                      f"{f('pruned', 0)} / {f('pruned', 1)} | {f('exported', 0)} / {f('exported', 1)} | "
                      f"{f('continued', 0)} / {f('continued', 1)} | {dm} | {f('gap')} | {f('max_jump')} | "
