@@ -26,7 +26,7 @@ def train(model: torch.nn.Module, batches: list[torch.Tensor], params: list[torc
         torch.nn.utils.clip_grad_norm_(params, 0.5)  # the norm of the kept weights' gradients in both
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
