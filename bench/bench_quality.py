@@ -62,6 +62,7 @@ HARDEN = ["pruning.hardening_steps=20"]
 SEQ = ["pruning.mask_samples=sequence"]  # pinned: the runs were started when this was the default
 DISTILL = ["train.distill.weight=1.0", "train.distill.temperature=1.0"]
 HALF = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]
+HALF_T2 = ["train.distill.weight=0.5", "train.distill.temperature=2.0"]
 KL75 = ["train.distill.weight=0.75", "train.distill.temperature=1.0"]
 SRCREF = ["mixing.method=dro", "mixing.dynamic_ratio=true"]
 SMOLLM2_EMBEDDED = "[1.2490607795592024,2.949574040046558,2.408348683203668]"  # python-source, docs, licenses
@@ -100,8 +101,7 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, contin
     # the teacher in the pruning stage only: the continued run costs what the L0 recipe's does
     "minitron_kdprune": ([*ONESHOT, *HALF], ["train.lr=2e-4", "train.distill.weight=0"]),
     # for the worst domain (docs, +0.43 over the source): softer teacher targets, or a wider DRO ball
-    "t2": ([*ONESHOT, *HALF, "train.distill.temperature=2.0"], [*HALF, "train.distill.temperature=2.0",
-                                                                 "train.lr=2e-4"]),
+    "t2": ([*ONESHOT, *HALF_T2], [*HALF_T2, "train.lr=2e-4"]),
     "rho3": ([*ONESHOT, *HALF, "mixing.rho=0.3"], [*HALF, "train.lr=2e-4", "mixing.rho=0.3"]),
     # DRO against the source model's losses (the paper's `dro` ablation with a moving ratio) instead of the
     # scaling-law references, which predicted no gain left for docs and so gave it no extra weight; the

@@ -372,8 +372,8 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
         parts.append(f"\nPer-domain held-out perplexity {label} (source row: the unpruned model):\n")
         parts.append(md_table(["arm", "seeds"] + names, rows))
     # downstream
-    src_eval = json.loads((RESULTS / setting / "source" / "eval.json").read_text()) \
-        if (RESULTS / setting / "source" / "eval.json").is_file() else None
+    src_path = RESULTS / setting / "source" / "eval.json"
+    src_eval = json.loads(src_path.read_text()) if src_path.is_file() else None
     n_items = {t: (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]["n"] for t in TASKS}
     for metric in ("acc", "acc_norm"):  # acc_norm: the multiple-choice tasks that have it
         tasks = [t for t in TASKS if metric in (src_eval or next(iter(results[arms[0]].values()))["eval"])["tasks"][t]]
