@@ -60,6 +60,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast dtype: auto (bf16 where supported) | bfloat16 | float32
     eval_every: int = 10
+    # held-out sequences per domain that each in-run evaluation (and mixing update) uses; None: all
+    # data.eval_sequences. A small limit keeps frequent evaluations cheap while a large split keeps the
+    # documents of a thorough final evaluation out of training
+    eval_limit: int | None = None
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -221,6 +225,8 @@ def validate(cfg: RunConfig) -> None:
                 "keep_checkpoints", "eval_batch_size"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)
+    if t.eval_limit is not None:
+        _positive("train.eval_limit", t.eval_limit)
     _positive("data.seq_len", d.seq_len)
     _positive("data.eval_sequences", d.eval_sequences)
     if not 0 < d.eval_fraction < 1:

@@ -56,6 +56,17 @@ def test_per_domain_losses_match_direct_computation(tmp_path, model_dir):
     assert sum(record["domain_tokens"].values()) == 4 * 32
 
 
+@pytest.mark.parametrize("limit", [1, 2])
+def test_eval_limit_evaluates_the_first_held_out_sequences(tmp_path, model_dir, limit):
+    trainer = Trainer(load_config(None, overrides(tmp_path, model_dir, **{"train.eval_limit": limit})))
+    assert all(len(e) == 3 for e in trainer.corpus.eval)  # the split keeps data.eval_sequences
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # every sequence has seq_len tokens: the domain loss is the mean of HF's losses
+        expected = [sum(reference(input_ids=s[None], labels=s[None]).loss.item() for s in e[:limit]) / limit
+                    for e in trainer.corpus.eval]
+    assert trainer.evaluate() == pytest.approx(expected, rel=1e-5)
+
+
 def test_run_directory_layout(tmp_path, model_dir):
     out = Trainer(load_config(None, overrides(tmp_path, model_dir))).run()
     run = tmp_path / "run"

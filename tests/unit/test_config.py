@@ -24,7 +24,8 @@ def test_missing_run_dir():
         load_config(None, [])
 
 
-@pytest.mark.parametrize("key", ["train.steps", "train.batch_size", "train.micro_batch_size", "data.seq_len"])
+@pytest.mark.parametrize("key", ["train.steps", "train.batch_size", "train.micro_batch_size", "data.seq_len",
+                                 "train.eval_limit"])
 def test_non_positive(key):
     assert key in err(f"{key}=0")
 

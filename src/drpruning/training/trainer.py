@@ -119,7 +119,8 @@ class Trainer:
     def evaluate(self, exact: bool = False) -> list[float]:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
         with self.pruner.evaluating(exact) if self.pruner is not None else contextlib.nullcontext():
-            stats = domain_nll(self.model, self.corpus.eval, self.cfg.train.eval_batch_size, self.amp_dtype,
+            held_out = [e[:self.cfg.train.eval_limit] for e in self.corpus.eval]  # [:None] keeps all
+            stats = domain_nll(self.model, held_out, self.cfg.train.eval_batch_size, self.amp_dtype,
                                shard=(dist.rank(), dist.world()), collective=parallel.is_fsdp(self.model))
         losses, self.eval_se = loss_and_error(dist.all_reduce_sum(stats))
         return losses
