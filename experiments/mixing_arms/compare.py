@@ -44,29 +44,45 @@ OUT = ROOT / "runs" / "compare"  # working folders: checkpoints, models (not com
 # what a finished (setting, arm, seed) leaves, committed, so that later sessions on fresh machines resume the
 # comparison and regenerate its tables: the metrics of both stages, their wall times, the evaluations
 RESULTS = HERE / "results"
-KEEP = ("prune/metrics.jsonl", "prune/wall_s.txt", "cpt/metrics.jsonl", "cpt/wall_s.txt", "eval.json",
-        "lm_eval.json")
+KEEP = ("prune/metrics.jsonl", "prune/wall_s.txt", "prune/heldout.json", "cpt/metrics.jsonl", "cpt/wall_s.txt",
+        "cpt/heldout.json", "heldout.json", "eval.json", "lm_eval.json")
 
 SETTINGS = {"mono": "mono.yaml", "multi": "multi.yaml"}
-DISTILL = ["train.distill.weight=0.5", "train.distill.temperature=1.0"]  # teacher: the source (named in run())
-ARMS = {
+DISTILL = ["train.distill.weight=0.5", "train.distill.temperature=2.0"]  # the demo's; teacher named in run()
+
+
+def both(*overrides: str) -> tuple[list[str], list[str]]:
+    return list(overrides), list(overrides)
+
+
+ARMS: dict[str, tuple[list[str], list[str]]] = {  # (pruning overrides, continued-pretraining overrides)
     # the paper's initial proportions throughout
-    "constant": ["mixing.method=constant"],
-    # Sheared-LLaMA dynamic batch loading, references = the source model's per-domain losses
-    "sheared": ["mixing.method=sheared", "mixing.reference=source"],
-    # chi-square DRO around the fixed initial ratio, references = the source model's losses
-    "dro": ["mixing.method=dro", "mixing.reference=source", "mixing.dynamic_ratio=false"],
-    # DRPruning: DRO + scaling-law references + moving reference ratio
-    "drpruning": ["mixing.method=drpruning"],
+    "constant": both("mixing.method=constant"),
     # equal proportions throughout: the stratified baseline data-mixing studies find hard to beat (issue 13)
-    "uniform": ["mixing.method=constant", "data.proportions=null"],
+    "uniform": both("mixing.method=constant", "data.proportions=null"),
+    # Sheared-LLaMA dynamic batch loading, references = the source model's per-domain losses
+    "sheared": both("mixing.method=sheared", "mixing.reference=source"),
+    # chi-square DRO around the fixed initial ratio, references = the source model's losses
+    "dro": both("mixing.method=dro", "mixing.reference=source", "mixing.dynamic_ratio=false"),
+    # DRPruning: DRO + scaling-law references + moving reference ratio
+    "drpruning": both("mixing.method=drpruning"),
     # DRPruning with half cross-entropy, half KL to SmolLM2-135M in both stages
-    "drpruning_distill": ["mixing.method=drpruning", *DISTILL],
-    # Minitron's recipe: one-shot importance pruning, half KL to SmolLM2, the paper's constant mix
-    "minitron": ["mixing.method=constant", "pruning.method=importance", *DISTILL],
+    "drpruning_distill": both("mixing.method=drpruning", *DISTILL),
+    # Minitron's recipe, as the demo runs it: one-shot pruning (prune.yaml), half KL to SmolLM2, the paper's
+    # constant mix
+    "minitron": both("mixing.method=constant", *DISTILL),
+    # DRPruning with the paper's learnt L0 masks instead of the one-shot cut (importance-initialised, the last
+    # 30 steps under the exact masks): what the L0 method gives at this budget
+    "drpruning_l0": (["mixing.method=drpruning", "pruning.method=l0", "train.lr=1e-4",
+                      "pruning.lagrangian_warmup_steps=50", "pruning.hardening_steps=30"],
+                     ["mixing.method=drpruning"]),
 }
 SEEDS = [0, 1, 2]
-# every task of ../shared/eval on its full item set (issue 13); `run --task-limit N` for a quick look
+ARM_SEEDS = {"drpruning_l0": [0]}  # context for one question (what L0 gives), not a compared arm: one seed
+# every task of ../shared/eval, its first TASK_LIMIT items (`run --task-limit 0`: every item). Every item costs
+# about an hour per model on this CPU (boolq and logi_qa's long passages most), 42 models plus lm-eval's 12
+# about 50 hours, so the arms are scored on a fixed prefix: the same items for every model
+TASK_LIMIT = 100
 TASKS = ["arc_easy", "piqa", "boolq", "copa", "openbook_qa", "logi_qa", "siqa", "winogrande", "lambada_openai"]
 LM_EVAL_ARMS = ("constant", "drpruning")  # their final models are scored by lm-eval too: the scorers' agreement
 UD_PUD = {"en": "en.txt", "ru": "ru.txt", "zh": "zh.txt", "ja": "ja-gsd.txt", "ar": "ar.txt", "tr": "tr.txt",
@@ -129,6 +145,39 @@ def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Pat
     return out
 
 
+def heldout(model_dir: Path, setting: str, out: Path) -> None:
+    """Per-domain loss and standard error of a model on every held-out sequence of the stage configs' split
+    (`data.eval_sequences` per domain, fewer where a domain's held-out documents hold less; the runs' own
+    evaluations use the first `train.eval_limit`), into out (JSON)."""
+    if out.is_file():
+        return
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning.config import DataConfig
+    from drpruning.data.corpus import load_corpus
+    from drpruning.evaluation.perplexity import domain_losses
+    from drpruning.loss import autocast_dtype
+
+    data = [OmegaConf.merge(OmegaConf.load(CONFIGS / SETTINGS[setting]), OmegaConf.load(CONFIGS / c)).data
+            for c in ("prune.yaml", "cpt.yaml")]
+    if data[0] != data[1]:
+        raise SystemExit("prune.yaml and cpt.yaml must split the data alike (data.* keys): one held-out set")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data[0]))
+    set_threads()
+    t0 = time.perf_counter()
+    corpus = load_corpus(cfg, AutoTokenizer.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    res = {"model": str(model_dir),
+           "domains": domain_losses(model, corpus.eval_dict(), 16, autocast_dtype("auto", torch.device("cpu")))}
+    res["wall_s"] = time.perf_counter() - t0
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, out)
+    log.info("%s: held-out loss in %.0f s", out, res["wall_s"])
+
+
 def evaluate_final(model_dir: Path, setting: str, out: Path, limit: int | None = None,
                    lm_eval: bool = False) -> None:
     """Downstream accuracy (and UD-PUD bits per character for multi) of a model, into out (JSON); with
@@ -171,11 +220,13 @@ def run(args) -> None:
     source = fetch_model("smollm2-135m")
     for seed in args.seeds:
         for setting in args.settings:
-            if not (RESULTS / setting / "source" / "eval.json").is_file():
-                evaluate_final(Path(source), setting, mkdir(OUT / setting / "source") / "eval.json",
-                               args.task_limit)
+            if not all((RESULTS / setting / "source" / f).is_file() for f in ("eval.json", "heldout.json")):
+                heldout(Path(source), setting, mkdir(OUT / setting / "source") / "heldout.json")
+                evaluate_final(Path(source), setting, OUT / setting / "source" / "eval.json", args.task_limit)
                 keep(OUT / setting / "source", RESULTS / setting / "source")
             for arm in args.arms:
+                if seed not in ARM_SEEDS.get(arm, SEEDS):
+                    continue
                 base = OUT / setting / arm / f"seed{seed}"
                 if (RESULTS / setting / arm / f"seed{seed}" / "eval.json").is_file():
                     continue
@@ -183,10 +234,14 @@ def run(args) -> None:
                     log.info("%s: another compare.py process is on it, skipping", base)
                     continue
                 try:
-                    common = [f"train.seed={seed}", *ARMS[arm]]
-                    pruned = stage("prune.yaml", setting, base / "prune", [f"model.source={source}", *common])
+                    prune, cpt = ARMS[arm]
+                    pruned = stage("prune.yaml", setting, base / "prune",
+                                   [f"model.source={source}", f"train.seed={seed}", *prune])
                     cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
-                                 [f"model.source={pruned}", f"train.distill.teacher={source}", *common])
+                                 [f"model.source={pruned}", f"train.distill.teacher={source}", f"train.seed={seed}",
+                                  *cpt])
+                    heldout(pruned, setting, base / "prune" / "heldout.json")
+                    heldout(cont, setting, base / "cpt" / "heldout.json")
                     evaluate_final(cont, setting, base / "eval.json", args.task_limit, arm in LM_EVAL_ARMS)
                     keep(base, RESULTS / setting / arm / f"seed{seed}")
                 finally:
@@ -261,11 +316,26 @@ def collect(setting: str, arm: str, seed: int) -> dict | None:
     if not (base / "eval.json").is_file() or not any(r.get("kind") == "final" for r in cpt):
         return None
     ev = json.loads((base / "eval.json").read_text())
-    after_prune, after_cpt = evals(cpt)[0], evals(cpt)[-1]
-    return {"source": evals(prune)[0]["eval_loss"], "pruned": after_prune["eval_loss"],
-            "cpt": after_cpt["eval_loss"], "eval": ev, "prune_records": prune, "cpt_records": cpt,
+    # the whole held-out split where it was evaluated (heldout.json), else the runs' own evaluations
+    held = {k: read_heldout(path) for k, path in (("source", RESULTS / setting / "source" / "heldout.json"),
+                                                  ("pruned", base / "prune" / "heldout.json"),
+                                                  ("cpt", base / "cpt" / "heldout.json"))}
+    in_run = {"source": evals(prune)[0], "pruned": evals(cpt)[0], "cpt": evals(cpt)[-1]}
+    losses = {k: held[k][0] if held[k] else in_run[k]["eval_loss"] for k in in_run}
+    return {**losses, "se": {k: held[k][1] if held[k] else in_run[k].get("eval_se", {}) for k in in_run},
+            "sequences": {k: held[k][2] if held[k] else None for k in in_run},
+            "eval": ev, "prune_records": prune, "cpt_records": cpt,
             "wall_s": [float((base / s / "wall_s.txt").read_text()) if (base / s / "wall_s.txt").is_file()
                        else math.nan for s in ("prune", "cpt")] + [ev.get("wall_s", math.nan)]}
+
+
+def read_heldout(path: Path) -> tuple[dict, dict, dict] | None:
+    """Per-domain loss, standard error and sequence count from a heldout.json, or None."""
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())["domains"]
+    return ({n: v["loss"] for n, v in d.items()}, {n: v["stderr"] for n, v in d.items()},
+            {n: v["sequences"] for n, v in d.items()})
 
 
 def summary(losses: dict[str, float]) -> dict[str, float]:
@@ -361,6 +431,14 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
                  "(population standard deviation across domains). Mean [min, max] over seeds.\n")
     parts.append(md_table(["arm", "seeds", "pruned: mean", "pruned: worst", "pruned: spread", "CPT: mean",
                            "CPT: worst (domain)", "CPT: spread"], rows))
+    # how precise each domain's figure is: the standard error of its held-out loss over the sequences
+    first = next(iter(results[arms[0]].values()))
+    rows = [[n, str((first["sequences"]["source"] or {}).get(n, "-")), f"{first['se']['source'].get(n, math.nan):.3f}",
+             f"{max(results[a][s]['se']['cpt'].get(n, math.nan) for a in arms for s in results[a]):.3f}"]
+            for n in names]
+    parts.append("\nStandard error of a domain's held-out loss (nats; sequences of the held-out split, "
+                 "disjoint documents): the source model, and the largest over the continued models:\n")
+    parts.append(md_table(["domain", "sequences", "SE source", "SE after CPT (max)"], rows))
     # per-domain perplexity
     for label, key in (("after pruning", "pruned"), ("after continued pretraining", "cpt")):
         rows = [["source", "-"] + [f"{math.exp(src_l):.1f}" for src_l in
@@ -460,7 +538,7 @@ def write(args) -> None:
     for setting in SETTINGS:
         results: dict[str, dict[int, dict]] = {}
         for arm in ARMS:
-            for seed in SEEDS:
+            for seed in ARM_SEEDS.get(arm, SEEDS):
                 r = collect(setting, arm, seed)
                 status.append(f"{setting}/{arm}/seed{seed}: {'finished' if r else 'NOT finished'}"
                               + (f" (wall s: prune {r['wall_s'][0]:.0f}, CPT {r['wall_s'][1]:.0f}, "
@@ -488,10 +566,13 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     r.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    r.add_argument("--task-limit", type=int, default=None, help="items per task (default: every item)")
+    r.add_argument("--task-limit", type=int, default=TASK_LIMIT,
+                   help=f"the first N items of each task (default {TASK_LIMIT}; 0: every item)")
     sub.add_parser("write", help="tables (runs/compare/tables.md, pasted into the README) and "
                                  "images/*.png from the finished runs")
     args = p.parse_args()
+    if getattr(args, "task_limit", None) == 0:
+        args.task_limit = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     run(args) if args.cmd == "run" else write(args)
