@@ -78,6 +78,7 @@ ARMS: dict[str, tuple[list[str], list[str]]] = {  # (pruning overrides, continue
                      ["mixing.method=drpruning"]),
 }
 SEEDS = [0, 1, 2]
+CPT_SEED = 100  # the continued run of seed k samples with seed 100 + k
 ARM_SEEDS = {"drpruning_l0": [0]}  # context for one question (what L0 gives), not a compared arm: one seed
 # every task of ../shared/eval, its first TASK_LIMIT items (`run --task-limit 0`: every item). The source's
 # 100 items per task took 594 s here (one thread beside another run): every item (17,109) would take about
@@ -237,9 +238,11 @@ def run(args) -> None:
                     prune, cpt = ARMS[arm]
                     pruned = stage("prune.yaml", setting, base / "prune",
                                    [f"model.source={source}", f"train.seed={seed}", *prune])
+                    # the continued run draws other windows than the pruning run: with one seed the sampler
+                    # would replay the pruning stage's windows in the same order (a second epoch on them)
                     cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
-                                 [f"model.source={pruned}", f"train.distill.teacher={source}", f"train.seed={seed}",
-                                  *cpt])
+                                 [f"model.source={pruned}", f"train.distill.teacher={source}",
+                                  f"train.seed={CPT_SEED + seed}", *cpt])
                     heldout(pruned, setting, base / "prune" / "heldout.json")
                     heldout(cont, setting, base / "cpt" / "heldout.json")
                     evaluate_final(cont, setting, base / "eval.json", args.task_limit, arm in LM_EVAL_ARMS)
