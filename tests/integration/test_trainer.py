@@ -67,6 +67,16 @@ def test_eval_limit_evaluates_the_first_held_out_sequences(tmp_path, model_dir, 
     assert trainer.evaluate() == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_run_from_an_exported_model_reads_on_in_its_data(tmp_path, model_dir):
+    first = Trainer(load_config(None, overrides(tmp_path, model_dir, **{"train.steps": 3})))
+    exported = first.run()
+    continued = Trainer(load_config(None, overrides(tmp_path / "second", exported)))
+    assert continued.sampler.position == first.sampler.position and any(first.sampler.position)
+    assert continued.sampler.epoch == first.sampler.epoch
+    fresh = Trainer(load_config(None, overrides(tmp_path / "third", exported, **{"train.seed": 1})))
+    assert fresh.sampler.position == [0] * len(fresh.names)  # another seed: another permutation, read afresh
+
+
 def test_run_directory_layout(tmp_path, model_dir):
     out = Trainer(load_config(None, overrides(tmp_path, model_dir))).run()
     run = tmp_path / "run"

@@ -11,7 +11,10 @@ memory and the resume state stay small for billions of sequences.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -93,3 +96,43 @@ class MixtureSampler:
         self.position = list(state["position"])
         self.epoch = list(state["epoch"])
         self._keys = [self._order(d) for d in range(len(self.sizes))]
+
+    def continue_from(self, state: dict) -> list[str]:
+        """Start each domain where another run's sampler (`state_dict`) left it, if that run had this seed and
+        the domain has the same size: its permutations are then this run's, so this run reads on to windows the
+        other did not. The domains' draws start afresh. Returns the domains continued."""
+        if state.get("seed") != self.seed:
+            return []
+        done = []
+        for d, name in enumerate(self.names):
+            if name in state.get("names", []):
+                i = state["names"].index(name)
+                if state["sizes"][i] == self.sizes[d]:
+                    self.position[d], self.epoch[d] = int(state["position"][i]), int(state["epoch"][i])
+                    self._keys[d] = self._order(d)
+                    done.append(name)
+        return done
+
+
+STREAM_FILE = "drpruning_data_stream.json"  # beside an exported model: where its run's data stream stopped
+
+
+def save_stream(sampler: MixtureSampler, model_dir: str | Path) -> None:
+    """Record where the sampler stopped in the exported model's folder (atomically), so that a run continuing
+    from that model (continued pretraining after pruning) reads on instead of replaying the same windows."""
+    state = {k: v for k, v in sampler.state_dict().items() if k != "generator"}
+    path = Path(model_dir) / STREAM_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**state, "names": sampler.names}) + "\n")
+    os.replace(tmp, path)
+
+
+def continue_stream(sampler: MixtureSampler, model_dir: str | Path) -> None:
+    """Continue the data stream of the run that exported `model_dir`, where it recorded one (`save_stream`)."""
+    path = Path(model_dir) / STREAM_FILE
+    if not path.is_file():
+        return
+    done = sampler.continue_from(json.loads(path.read_text()))
+    skipped = [n for n in sampler.names if n not in done]
+    log.info("data: continuing the stream of the run that exported %s for %s%s", model_dir, done or "no domain",
+             f"; starting afresh for {skipped} (another seed or other data)" if skipped else "")

@@ -19,6 +19,7 @@ import torch
 
 from drpruning.config import ConfigError, RunConfig, save_config
 from drpruning.data import MixtureSampler, check_sources, initial_proportions, load_corpus
+from drpruning.data.sampler import continue_stream, save_stream
 from drpruning.evaluation.perplexity import domain_nll, loss_and_error
 from drpruning.loss import autocast, autocast_dtype, token_losses
 from drpruning.mixing import build_mixer
@@ -53,7 +54,7 @@ class Trainer:
         t = cfg.train
         # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main, cfg=cfg)  # log sinks' packages
-        model_config, _, _ = load_model_config(cfg.model.source)
+        model_config, source_dir, _ = load_model_config(cfg.model.source)
         if cfg.data.seq_len > model_max_length(model_config):
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
@@ -90,9 +91,10 @@ class Trainer:
             if pruner.one_shot:  # cut once, then train the compact model: the source stays whole (a teacher)
                 source = self.model
                 with autocast(self.device, self.amp_dtype):
-                    self.model, self.cut = one_shot.cut_once(
-                        self.run_dir, pruner, source, self.corpus.train, t.micro_batch_size, self.source_eval,
-                        self.tokenizer, bool(cfg.resume and self.checkpointer.steps()), cfg.model.dtype, self.main)
+                    self.model, self.cut = one_shot.cut_once(  # the source's losses and their errors, before the cut
+                        self.run_dir, pruner, source, self.corpus.train, t.micro_batch_size,
+                        lambda: {"losses": self.evaluate(), "se": self.eval_se}, self.tokenizer,
+                        bool(cfg.resume and self.checkpointer.steps()), cfg.model.dtype, self.main)
                 self.model.to(self.device)
                 dist.barrier()
             else:
@@ -102,6 +104,7 @@ class Trainer:
         del source
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
+        continue_stream(self.sampler, source_dir)  # after pruning: read on, not the pruning run's windows again
         if t.activation_checkpointing:  # on the plain model, before DDP / FSDP wrap it (same numbers, less memory)
             parallel.enable_activation_checkpointing(self.model)
         self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device) if dist.world() > 1 \
@@ -111,10 +114,6 @@ class Trainer:
         self.step = 0
         self.domain_tokens = [0] * len(self.names)
         self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
-
-    def source_eval(self) -> dict:
-        """The source model's held-out losses and their standard errors (one-shot pruning, before the cut)."""
-        return {"losses": self.evaluate(), "se": self.eval_se}
 
     def evaluate(self, exact: bool = False) -> list[float]:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
@@ -309,6 +308,7 @@ class Trainer:
                 save_model(model, out, self.tokenizer, self.save_dtype)
                 shape, extra = source_shape(self.model.config), {"tie_groups": self.cut["tie_groups"]} if self.cut \
                     else {}
+            save_stream(self.sampler, out)
             self.metrics.write("final", step=self.step, model_dir=str(out),
                                shape={key: getattr(shape, key) for key in SHAPE_KEYS}, **extra)
         dist.barrier()

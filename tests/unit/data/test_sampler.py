@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from drpruning.data.sampler import MixtureSampler
+from drpruning.data.sampler import MixtureSampler, continue_stream, save_stream
 
 
 def test_empirical_frequencies_follow_proportions():
@@ -84,3 +84,33 @@ def test_sampler_memory_does_not_grow_with_domain_size():
     batch = s.next_batch([1.0], 4)
     assert len({i for _, i in batch}) == 4 and all(0 <= i < 10**12 for _, i in batch)
     assert sys.getsizeof(s._keys[0]) < 1000
+
+
+def test_a_continued_stream_reads_on_where_the_first_run_stopped(tmp_path):
+    first = MixtureSampler([7, 50], seed=3, names=["a", "b"])
+    seen = first.next_batch([0.5, 0.5], 20)
+    save_stream(first, tmp_path)
+    # what the first run's permutation holds next, domain by domain: its own continuation is the reference
+    reference = MixtureSampler([7, 50], seed=3, names=["a", "b"])
+    reference.load_state_dict(first.state_dict())
+    expected = {d: [reference._take(d) for _ in range(5)] for d in (0, 1)}
+    second = MixtureSampler([7, 50], seed=3, names=["a", "b"])
+    continue_stream(second, tmp_path)
+    assert {d: [second._take(d) for _ in range(5)] for d in (0, 1)} == expected
+    # domain b (50 windows) is not exhausted: none of its next windows were read by the first run
+    assert not set(expected[1]) & {i for d, i in seen if d == 1}
+
+
+def test_a_stream_of_another_seed_or_size_starts_afresh(tmp_path):
+    first = MixtureSampler([7, 50], seed=3, names=["a", "b"])
+    first.next_batch([0.5, 0.5], 20)
+    save_stream(first, tmp_path)
+    other_seed = MixtureSampler([7, 50], seed=4, names=["a", "b"])
+    continue_stream(other_seed, tmp_path)
+    assert other_seed.position == [0, 0]
+    other_size = MixtureSampler([7, 51], seed=3, names=["a", "b"])
+    continue_stream(other_size, tmp_path)
+    assert other_size.position == [first.position[0], 0]  # a kept its size and continues; b starts afresh
+    absent = MixtureSampler([7, 50], seed=3, names=["a", "b"])
+    continue_stream(absent, tmp_path / "no-stream-here")
+    assert absent.position == [0, 0]
