@@ -238,8 +238,8 @@ def run(args) -> None:
                     prune, cpt = ARMS[arm]
                     pruned = stage("prune.yaml", setting, base / "prune",
                                    [f"model.source={source}", f"train.seed={seed}", *prune])
-                    # the continued run draws other windows than the pruning run: with one seed the sampler
-                    # would replay the pruning stage's windows in the same order (a second epoch on them)
+                    # the continued run draws other windows than the pruning run (another permutation; the
+                    # library now also reads on from a same-seed pruning run, which these runs predate)
                     cont = stage("cpt.yaml", setting, base / "cpt",  # a distilling arm's teacher stays SmolLM2
                                  [f"model.source={pruned}", f"train.distill.teacher={source}",
                                   f"train.seed={CPT_SEED + seed}", *cpt])
