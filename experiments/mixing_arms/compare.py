@@ -410,6 +410,36 @@ def plots(setting: str, results: dict[str, dict[int, dict]], out_dir: Path) -> l
     return paths
 
 
+def worst_vs_wall(setting: str, results: dict[str, dict[int, dict]], out_dir: Path) -> list[Path]:
+    """The worst domain's held-out loss (the runs' own evaluations) against the training wall time of both
+    stages, one line per arm (its first seed)."""
+    from matplotlib.figure import Figure
+
+    arms = [a for a in ARMS if results.get(a)]
+    if not arms:
+        return []
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for arm in arms:
+        r = results[arm][min(results[arm])]
+        xs, ys, offset = [], [], 0.0
+        for records in (r["prune_records"], r["cpt_records"]):
+            # an evaluation at step k follows the train record of step k (step 0: the stage's start)
+            wall = {x["step"]: x["elapsed_s"] for x in records if x.get("kind") == "train" and "elapsed_s" in x}
+            for e in evals(records):
+                xs.append((offset + wall.get(e["step"], 0.0)) / 60)
+                ys.append(e["worst_loss"])
+            offset += max(wall.values(), default=0.0)
+        ax.plot(xs, ys, label=arm, linewidth=1)
+    ax.set(xlabel="training wall time, pruning then continued (min; evaluations included)",
+           ylabel="worst domain's held-out loss", title=f"{setting}: worst domain against wall time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"{setting}-worst-vs-wall.png"
+    fig.savefig(path, dpi=70)
+    return [path]
+
+
 def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
     arms = [a for a in ARMS if results.get(a)]
     if not arms:
@@ -549,7 +579,7 @@ def write(args) -> None:
                 if r:
                     results.setdefault(arm, {})[seed] = r
         text.append(f"### {setting}\n\n" + setting_tables(setting, results))
-        for p in plots(setting, results, out_dir):
+        for p in [*plots(setting, results, out_dir), *worst_vs_wall(setting, results, out_dir)]:
             text.append(f"![{p.stem}](images/{p.name})\n")
     tables = "\n".join(text) + "\nRun status:\n\n" + "\n".join(f"- {s}" for s in status) + "\n"
     (mkdir(OUT) / "tables.md").write_text(tables)
