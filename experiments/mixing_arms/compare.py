@@ -1,14 +1,14 @@
-"""Issue 7: compare the four mixing arms (constant, sheared, dro, drpruning) for prune -> continued pretraining.
+"""Issue 13: does robust mixing win? Seven mixing arms (and an L0 one) for prune -> continued pretraining.
 
 For each setting (mono: 7 RedPajama domains; multi: 8 languages), each seed and each arm, this prunes the default
-SmolLM2-135M to a fixed shape (experiments/mixing_arms/configs/prune.yaml), continues pretraining the pruned model with
-the same arm (cpt.yaml), then evaluates the continued model on downstream multiple-choice tasks and, for the
-multilingual setting, the shifted UD-PUD sentences (bits per character). Per-domain held-out perplexity after
-pruning and after continued pretraining come from the continued-pretraining run's first and last evaluations.
+SmolLM2-135M one-shot to a fixed shape (experiments/mixing_arms/configs/prune.yaml), continues pretraining the
+pruned model with the same arm (cpt.yaml), scores the source, pruned and continued models on the whole held-out
+split, and the continued model on downstream multiple-choice tasks and, for the multilingual setting, the
+shifted UD-PUD sentences (bits per character).
 
-    .venv/bin/python experiments/mixing_arms/compare.py run    # all runs, resumable (finished stages are skipped)
+    .venv/bin/python experiments/mixing_arms/compare.py run    # all runs, resumable (finished ones are skipped)
     .venv/bin/python experiments/mixing_arms/compare.py write  # tables into experiments/mixing_arms/README.md
-                                               # (between its markers) and images/*.png, from runs/compare
+                                               # (between its markers) and images/*.png, from results/
 
 `run` is meant to be started in the background:
 
