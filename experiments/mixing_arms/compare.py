@@ -120,6 +120,13 @@ def set_threads() -> None:
     log.info("torch threads: %d", n)
 
 
+def stage_config(setting: str, config: str):
+    """A stage's config (prune.yaml or cpt.yaml) merged onto a setting's (its domains and proportions)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.load(CONFIGS / SETTINGS[setting]), OmegaConf.load(CONFIGS / config))
+
+
 def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Path:
     """One `train` run from the merged stage + setting configs; skipped when RUN_DIR/model exists."""
     from omegaconf import OmegaConf
@@ -132,7 +139,7 @@ def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Pat
         log.info("%s: done, skipping", run_dir)
         return model_dir
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    merged = OmegaConf.merge(OmegaConf.load(CONFIGS / SETTINGS[setting]), OmegaConf.load(CONFIGS / config))
+    merged = stage_config(setting, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "compare-input.yaml"
     OmegaConf.save(merged, path)
@@ -161,8 +168,7 @@ def heldout(model_dir: Path, setting: str, out: Path) -> None:
     from drpruning.evaluation.perplexity import domain_losses
     from drpruning.loss import autocast_dtype
 
-    data = [OmegaConf.merge(OmegaConf.load(CONFIGS / SETTINGS[setting]), OmegaConf.load(CONFIGS / c)).data
-            for c in ("prune.yaml", "cpt.yaml")]
+    data = [stage_config(setting, c).data for c in ("prune.yaml", "cpt.yaml")]
     if data[0] != data[1]:
         raise SystemExit("prune.yaml and cpt.yaml must split the data alike (data.* keys): one held-out set")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data[0]))
