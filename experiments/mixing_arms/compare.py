@@ -470,6 +470,7 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
                  "(population standard deviation across domains). Mean [min, max] over seeds.\n")
     parts.append(md_table(["arm", "seeds", "pruned: mean", "pruned: worst", "pruned: spread", "CPT: mean",
                            "CPT: worst (domain)", "CPT: spread"], rows))
+    parts.append(paired_differences(setting, results))
     # how precise each domain's figure is: the standard error of its held-out loss over the sequences
     first = next(iter(results[arms[0]].values()))
     rows = [[n, str((first["sequences"]["source"] or {}).get(n, "-")), f"{first['se']['source'].get(n, math.nan):.3f}",
@@ -545,6 +546,51 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
                  f"{', '.join(names)}) and the number of mixing updates with a fitted scaling law:\n")
     parts.append(md_table(["arm", "stage", "proportions", "updates with a fit"], rows))
     return "\n".join(parts) + "\n"
+
+
+# (arm, baseline) pairs the issue asks about: does drpruning beat each baseline; what distillation and the
+# importance initialisation add
+PAIRS = [("drpruning", "constant"), ("drpruning", "uniform"), ("drpruning", "sheared"), ("drpruning", "dro"),
+         ("drpruning_distill", "drpruning"), ("minitron", "constant"), ("drpruning_distill", "minitron"),
+         ("drpruning_l0", "drpruning")]
+
+
+def paired_differences(setting: str, results: dict[str, dict[int, dict]]) -> str:
+    """arm minus baseline, seed by seed (the same seed: the same random streams, so only the mixing differs), on the
+    held-out mean / worst / spread after CPT (negative: the arm is better) and the downstream average accuracy
+    (positive: better); mean [min, max] over the common seeds and on how many seeds the arm is better."""
+    def figures(r: dict) -> dict[str, float]:
+        s = summary(r["cpt"])
+        tasks = r["eval"]["tasks"]
+        out = {"mean": s["mean"], "worst": s["worst"], "spread": s["spread"],
+               "acc": statistics.fmean(tasks[t]["acc"] for t in TASKS)}
+        if setting == "multi":
+            d = r["eval"]["perplexity"]["domains"]
+            out["ud"] = statistics.fmean(d[x]["bpc"] for x in UD_PUD)
+        return out
+
+    keys = ["mean", "worst", "spread", "acc"] + (["ud"] if setting == "multi" else [])
+    lower_better = {"mean": True, "worst": True, "spread": True, "acc": False, "ud": True}
+    rows = []
+    for arm, base in PAIRS:
+        seeds = sorted(set(results.get(arm, {})) & set(results.get(base, {})))
+        if not seeds:
+            continue
+        diffs = {k: [figures(results[arm][s])[k] - figures(results[base][s])[k] for s in seeds] for k in keys}
+        cells = []
+        for k in keys:
+            wins = sum(1 for d in diffs[k] if (d < 0 if lower_better[k] else d > 0))
+            cells.append(f"{pm(diffs[k])} ({wins}/{len(seeds)})")
+        rows.append([f"{arm} - {base}", ",".join(map(str, seeds))] + cells)
+    if not rows:
+        return ""
+    header = ["arm - baseline", "seeds", "CPT mean", "CPT worst", "CPT spread", "downstream acc (avg)"]
+    header += ["UD-PUD bpc (mean)"] if setting == "multi" else []
+    return ("\nPaired differences, arm minus baseline on the same seed: held-out loss after CPT (nats; negative "
+            "= the arm is better), downstream average acc (positive = better)"
+            + (", UD-PUD mean bits per character (negative = better)" if setting == "multi" else "")
+            + ". Mean [min, max] over the seeds both have, and (seeds on which the arm is better / seeds):\n\n"
+            + md_table(header, rows) + "\n")
 
 
 def scorer_agreement(setting: str, results: dict[str, dict[int, dict]]) -> str:
