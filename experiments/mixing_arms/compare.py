@@ -354,6 +354,16 @@ def summary(losses: dict[str, float]) -> dict[str, float]:
             "spread": statistics.pstdev(v), "range": max(v) - min(v)}
 
 
+def task_average(ev: dict, metric: str, tasks: list[str] = TASKS) -> float:
+    """An eval.json's downstream `metric` averaged over `tasks`."""
+    return statistics.fmean(ev["tasks"][t][metric] for t in tasks)
+
+
+def ud_mean(ev: dict) -> float:
+    """An eval.json's UD-PUD bits per character averaged over the languages."""
+    return statistics.fmean(ev["perplexity"]["domains"][x]["bpc"] for x in UD_PUD)
+
+
 def pm(values: list[float], digits: int = 3) -> str:
     """mean [min, max] over seeds."""
     values = [v for v in values if v is not None and math.isfinite(v)]
@@ -498,11 +508,11 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
         rows = []
         if src_eval:
             rows.append(["source", "-"] + [f"{src_eval['tasks'][t][metric]:.3f}" for t in tasks]
-                        + [f"{statistics.fmean(src_eval['tasks'][t][metric] for t in tasks):.3f}"])
+                        + [f"{task_average(src_eval, metric, tasks):.3f}"])
         for arm in arms:
             seeds = sorted(results[arm])
             accs = {t: [results[arm][s]["eval"]["tasks"][t][metric] for s in seeds] for t in tasks}
-            avg = [statistics.fmean(results[arm][s]["eval"]["tasks"][t][metric] for t in tasks) for s in seeds]
+            avg = [task_average(results[arm][s]["eval"], metric, tasks) for s in seeds]
             rows.append([arm, ",".join(map(str, seeds))] + [pm(accs[t]) for t in tasks] + [pm(avg)])
         parts.append(f"\nDownstream {metric} after continued pretraining (zero-shot, the project's scorer; items "
                      "per task: " + ", ".join(f"{t} {n_items[t]}" for t in tasks) + "):\n")
@@ -514,14 +524,13 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
         if src_eval:
             d = src_eval["perplexity"]["domains"]
             rows.append(["source", "-"] + [f"{d[lang]['bpc']:.3f}" for lang in langs]
-                        + [f"{statistics.fmean(d[x]['bpc'] for x in langs):.3f}",
+                        + [f"{ud_mean(src_eval):.3f}",
                            f"{max(d[x]['bpc'] for x in langs):.3f}"])
         for arm in arms:
             seeds = sorted(results[arm])
             per = {lang: [results[arm][s]["eval"]["perplexity"]["domains"][lang]["bpc"] for s in seeds]
                    for lang in langs}
-            mean = [statistics.fmean(results[arm][s]["eval"]["perplexity"]["domains"][x]["bpc"] for x in langs)
-                    for s in seeds]
+            mean = [ud_mean(results[arm][s]["eval"]) for s in seeds]
             worst = [max(results[arm][s]["eval"]["perplexity"]["domains"][x]["bpc"] for x in langs) for s in seeds]
             rows.append([arm, ",".join(map(str, seeds))] + [pm(per[lang]) for lang in langs] + [pm(mean), pm(worst)])
         parts.append(f"\nShifted set UD-PUD (news/Wikipedia sentences; ja: UD-GSD), bits per character after "
@@ -556,41 +565,33 @@ PAIRS = [("drpruning", "constant"), ("drpruning", "uniform"), ("drpruning", "she
 
 
 def paired_differences(setting: str, results: dict[str, dict[int, dict]]) -> str:
-    """arm minus baseline, seed by seed (the same seed: the same random streams, so only the mixing differs), on the
-    held-out mean / worst / spread after CPT (negative: the arm is better) and the downstream average accuracy
-    (positive: better); mean [min, max] over the common seeds and on how many seeds the arm is better."""
-    def figures(r: dict) -> dict[str, float]:
-        s = summary(r["cpt"])
-        tasks = r["eval"]["tasks"]
-        out = {"mean": s["mean"], "worst": s["worst"], "spread": s["spread"],
-               "acc": statistics.fmean(tasks[t]["acc"] for t in TASKS)}
-        if setting == "multi":
-            d = r["eval"]["perplexity"]["domains"]
-            out["ud"] = statistics.fmean(d[x]["bpc"] for x in UD_PUD)
-        return out
-
-    keys = ["mean", "worst", "spread", "acc"] + (["ud"] if setting == "multi" else [])
-    lower_better = {"mean": True, "worst": True, "spread": True, "acc": False, "ud": True}
+    """arm minus baseline, seed by seed (the same seed: the same random streams, so only the recipe differs), on
+    the held-out mean / worst / spread after CPT, the downstream average acc and (multi) the UD-PUD mean; mean
+    [min, max] over the common seeds and on how many seeds the arm is better."""
+    metrics = [  # (column, figure of one run, lower is better)
+        ("CPT mean", lambda r: summary(r["cpt"])["mean"], True),
+        ("CPT worst", lambda r: summary(r["cpt"])["worst"], True),
+        ("CPT spread", lambda r: summary(r["cpt"])["spread"], True),
+        ("downstream acc (avg)", lambda r: task_average(r["eval"], "acc"), False),
+    ] + ([("UD-PUD bpc (mean)", lambda r: ud_mean(r["eval"]), True)] if setting == "multi" else [])
     rows = []
     for arm, base in PAIRS:
         seeds = sorted(set(results.get(arm, {})) & set(results.get(base, {})))
         if not seeds:
             continue
-        diffs = {k: [figures(results[arm][s])[k] - figures(results[base][s])[k] for s in seeds] for k in keys}
         cells = []
-        for k in keys:
-            wins = sum(1 for d in diffs[k] if (d < 0 if lower_better[k] else d > 0))
-            cells.append(f"{pm(diffs[k])} ({wins}/{len(seeds)})")
+        for _, figure, lower in metrics:
+            diffs = [figure(results[arm][s]) - figure(results[base][s]) for s in seeds]
+            wins = sum(1 for d in diffs if (d < 0) == lower and d != 0)
+            cells.append(f"{pm(diffs)} ({wins}/{len(seeds)})")
         rows.append([f"{arm} - {base}", ",".join(map(str, seeds))] + cells)
     if not rows:
         return ""
-    header = ["arm - baseline", "seeds", "CPT mean", "CPT worst", "CPT spread", "downstream acc (avg)"]
-    header += ["UD-PUD bpc (mean)"] if setting == "multi" else []
     return ("\nPaired differences, arm minus baseline on the same seed: held-out loss after CPT (nats; negative "
             "= the arm is better), downstream average acc (positive = better)"
             + (", UD-PUD mean bits per character (negative = better)" if setting == "multi" else "")
             + ". Mean [min, max] over the seeds both have, and (seeds on which the arm is better / seeds):\n\n"
-            + md_table(header, rows) + "\n")
+            + md_table(["arm - baseline", "seeds"] + [m[0] for m in metrics], rows) + "\n")
 
 
 def scorer_agreement(setting: str, results: dict[str, dict[int, dict]]) -> str:
