@@ -111,7 +111,7 @@ class Trainer:
             else self.model
         self.optimizers = build_optimizers(self.train_model, self.pruner, t)
         self.schedulers = build_schedulers(self.optimizers, t, cfg.pruning if self.pruner is not None else None)
-        self.step = 0
+        self.step, self.elapsed_s = 0, 0.0  # elapsed_s: earlier processes' training time, kept for resumes
         self.domain_tokens = [0] * len(self.names)
         self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
 
@@ -211,7 +211,7 @@ class Trainer:
             parallel.check_replicated(list(self.pruner.parameters()), "pruning masks and multipliers")
             # each rank samples masks with its own generator: keep every rank's state for an exact resume
             rngs = parallel.gather_objects(self.pruner.rng_state())
-        state = {"step": self.step, "domain_tokens": self.domain_tokens,
+        state = {"step": self.step, "domain_tokens": self.domain_tokens, "elapsed_s": time.perf_counter() - self.start,
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
                  "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(), "pruner_rng": rngs}
 
@@ -235,7 +235,7 @@ class Trainer:
             scheduler.load_state_dict(state["schedulers"][name])
         self.sampler.load_state_dict(state["sampler"])
         self.mixer.load_state_dict(state["mixer"])
-        self.domain_tokens = list(state["domain_tokens"])
+        self.domain_tokens, self.elapsed_s = list(state["domain_tokens"]), float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
         return int(state["step"])
 
@@ -272,11 +272,11 @@ class Trainer:
             self.mixer.start(losses)
         self.model.train()  # from_pretrained gives eval mode (dropout off); a resumed run has not evaluated yet
         bar = progress(t.steps, self.step, self.main, "prune" if self.pruner is not None else "train")
-        start = time.perf_counter()
+        self.start = time.perf_counter() - self.elapsed_s
         while self.step < t.steps:
             record = self.train_step()
             self.step += 1
-            record["elapsed_s"] = time.perf_counter() - start
+            record["elapsed_s"] = time.perf_counter() - self.start
             self.health.check(self.step, record)
             last = self.step == t.steps
             if self.step % t.log_every == 0 or last:
