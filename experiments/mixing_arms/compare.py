@@ -334,8 +334,9 @@ def collect(setting: str, arm: str, seed: int) -> dict | None:
     return {**losses, "se": {k: held[k][1] if held[k] else in_run[k].get("eval_se", {}) for k in in_run},
             "sequences": {k: held[k][2] if held[k] else None for k in in_run},
             "eval": ev, "prune_records": prune, "cpt_records": cpt,
-            "wall_s": [float((base / s / "wall_s.txt").read_text()) if (base / s / "wall_s.txt").is_file()
-                       else math.nan for s in ("prune", "cpt")] + [ev.get("wall_s", math.nan)]}
+            # training loop time (resumes joined; wall_s.txt holds only a stage's last process) and evaluation
+            "wall_s": [max(training_clock(rs).values(), default=math.nan) for rs in (prune, cpt)]
+            + [ev.get("wall_s", math.nan)]}
 
 
 def read_heldout(path: Path) -> tuple[dict, dict, dict] | None:
@@ -431,6 +432,20 @@ def plots(setting: str, results: dict[str, dict[int, dict]], out_dir: Path) -> l
     return paths
 
 
+def training_clock(records: list[dict]) -> dict[int, float]:
+    """Step -> seconds of training since the stage started, resumed processes joined. Runs before the trainer
+    kept its clock in checkpoints restart `elapsed_s` at zero on resume (records after the checkpoint are
+    dropped, so a drop marks a new process): its time is added to the earlier processes'."""
+    clock, offset, last = {}, 0.0, 0.0
+    for x in records:
+        if x.get("kind") == "train" and "elapsed_s" in x:
+            if x["elapsed_s"] < last:
+                offset += last
+            last = x["elapsed_s"]
+            clock[x["step"]] = offset + last
+    return clock
+
+
 def worst_vs_wall(setting: str, results: dict[str, dict[int, dict]], out_dir: Path) -> list[Path]:
     """The worst domain's held-out loss (the runs' own evaluations) against the training wall time of both
     stages, one line per arm (its first seed)."""
@@ -446,7 +461,7 @@ def worst_vs_wall(setting: str, results: dict[str, dict[int, dict]], out_dir: Pa
         xs, ys, offset = [], [], 0.0
         for records in (r["prune_records"], r["cpt_records"]):
             # an evaluation at step k follows the train record of step k (step 0: the stage's start)
-            wall = {x["step"]: x["elapsed_s"] for x in records if x.get("kind") == "train" and "elapsed_s" in x}
+            wall = training_clock(records)
             for e in evals(records):
                 xs.append((offset + wall.get(e["step"], 0.0)) / 60)
                 ys.append(e["worst_loss"])
@@ -631,8 +646,8 @@ def write(args) -> None:
             for seed in ARM_SEEDS.get(arm, SEEDS):
                 r = collect(setting, arm, seed)
                 status.append(f"{setting}/{arm}/seed{seed}: {'finished' if r else 'NOT finished'}"
-                              + (f" (wall s: prune {r['wall_s'][0]:.0f}, CPT {r['wall_s'][1]:.0f}, "
-                                 f"eval {r['wall_s'][2]:.0f})" if r else ""))
+                              + (f" (training s: prune {r['wall_s'][0]:.0f}, CPT {r['wall_s'][1]:.0f}; "
+                                 f"eval s {r['wall_s'][2]:.0f})" if r else ""))
                 if r:
                     results.setdefault(arm, {})[seed] = r
         text.append(f"### {setting}\n\n" + setting_tables(setting, results))
