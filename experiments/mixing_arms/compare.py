@@ -42,10 +42,10 @@ CONFIGS = HERE / "configs"
 SHARED = ROOT.parent / "shared"
 OUT = ROOT / "runs" / "compare"  # working folders: checkpoints, models (not committed)
 # what a finished (setting, arm, seed) leaves, committed, so that later sessions on fresh machines resume the
-# comparison and regenerate its tables: the metrics of both stages, their wall times, the evaluations
+# comparison and regenerate its tables: the metrics of both stages (with their training clock), the evaluations
 RESULTS = HERE / "results"
-KEEP = ("prune/metrics.jsonl", "prune/wall_s.txt", "prune/heldout.json", "cpt/metrics.jsonl", "cpt/wall_s.txt",
-        "cpt/heldout.json", "heldout.json", "eval.json", "lm_eval.json")
+KEEP = ("prune/metrics.jsonl", "prune/heldout.json", "cpt/metrics.jsonl", "cpt/heldout.json", "heldout.json",
+        "eval.json", "lm_eval.json")
 
 SETTINGS = {"mono": "mono.yaml", "multi": "multi.yaml"}
 DISTILL = ["train.distill.weight=0.5", "train.distill.temperature=2.0"]  # the demo's; teacher named in run()
@@ -145,10 +145,8 @@ def stage(config: str, setting: str, run_dir: Path, overrides: list[str]) -> Pat
     OmegaConf.save(merged, path)
     cfg = load_config(path, [f"run_dir={run_dir}", f"resume={str(resume).lower()}", *overrides])
     set_threads()
-    t0 = time.perf_counter()
     log.info("%s: %s", run_dir, "resuming" if resume else "starting")
     out = train(cfg)
-    (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 1.6 GB each; the model is exported
     return out
 
@@ -334,7 +332,7 @@ def collect(setting: str, arm: str, seed: int) -> dict | None:
     return {**losses, "se": {k: held[k][1] if held[k] else in_run[k].get("eval_se", {}) for k in in_run},
             "sequences": {k: held[k][2] if held[k] else None for k in in_run},
             "eval": ev, "prune_records": prune, "cpt_records": cpt,
-            # training loop time (resumes joined; wall_s.txt holds only a stage's last process) and evaluation
+            # training loop time (resumes joined) and evaluation time
             "wall_s": [max(training_clock(rs).values(), default=math.nan) for rs in (prune, cpt)]
             + [ev.get("wall_s", math.nan)]}
 
