@@ -79,7 +79,6 @@ ARMS: dict[str, tuple[list[str], list[str]]] = {  # (pruning overrides, continue
 }
 SEEDS = [0, 1, 2]
 CPT_SEED = 100  # the continued run of seed k samples with seed 100 + k
-ARM_SEEDS = {"drpruning_l0": [0]}  # context for one question (what L0 gives), not a compared arm: one seed
 # every task of ../shared/eval, its first TASK_LIMIT items (`run --task-limit 0`: every item). The source's
 # 100 items per task took 594 s here (one thread beside another run): every item (17,109) would take about
 # 3 hours per model, so the arms are scored on a fixed prefix, the same items for every model
@@ -230,8 +229,6 @@ def run(args) -> None:
                 evaluate_final(Path(source), setting, OUT / setting / "source" / "eval.json", args.task_limit)
                 keep(OUT / setting / "source", RESULTS / setting / "source")
             for arm in args.arms:
-                if seed not in ARM_SEEDS.get(arm, SEEDS):
-                    continue
                 base = OUT / setting / arm / f"seed{seed}"
                 if (RESULTS / setting / arm / f"seed{seed}" / "eval.json").is_file():
                     continue
@@ -641,7 +638,7 @@ def write(args) -> None:
     for setting in SETTINGS:
         results: dict[str, dict[int, dict]] = {}
         for arm in ARMS:
-            for seed in ARM_SEEDS.get(arm, SEEDS):
+            for seed in SEEDS:
                 r = collect(setting, arm, seed)
                 status.append(f"{setting}/{arm}/seed{seed}: {'finished' if r else 'NOT finished'}"
                               + (f" (training s: prune {r['wall_s'][0]:.0f}, CPT {r['wall_s'][1]:.0f}; "
