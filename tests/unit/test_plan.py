@@ -84,9 +84,10 @@ def test_activation_formula_is_what_autograd_saves(kind, dtypes):
 
 
 @pytest.mark.parametrize("structures", [("layer", "head", "intermediate", "hidden"), ("head",), ("intermediate",)])
-@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
-def test_activation_formula_with_the_pruning_masks(structures, compute):
-    model = tiny_model("llama").train()
+@pytest.mark.parametrize("dtypes", DTYPES, ids=["fp32", "autocast", "bf16"])  # bf16: as under FSDP's policy
+def test_activation_formula_with_the_pruning_masks(structures, dtypes):
+    weights, compute = dtypes
+    model = tiny_model("llama", dtype=weights).train()
     model.config.use_cache = False
     cfg = PruningConfig(enabled=True, structures=list(structures),
                         target={"num_key_value_heads": 1} if "head" in structures else {"intermediate_size": 16})
@@ -94,7 +95,7 @@ def test_activation_formula_with_the_pruning_masks(structures, compute):
     attach(model, pruner)
     shape, mo_md = source_shape(model.config), masked_linears(structures)
     got = [measured_saved(model, torch.randint(0, 100, (b, 32)), compute, list(pruner.parameters())) for b in (2, 4)]
-    want = [saved_bytes(model.config, shape, b, 32, 4, compute.itemsize, *mo_md) for b in (2, 4)]
+    want = [saved_bytes(model.config, shape, b, 32, weights.itemsize, compute.itemsize, *mo_md) for b in (2, 4)]
     assert got[1] - got[0] == want[1] - want[0]  # per token: exact
     assert 0 <= got[0] - want[0] <= pruner_bytes(shape, structures, cfg.head_mode)  # the masks: bounded
 
@@ -109,6 +110,20 @@ def test_checkpointing_and_fsdp_lower_the_estimate_as_they_should():
     assert fsdp.get("weights") == ddp.get("weights") // 4 and fsdp.get("AdamW state") == ddp.get("AdamW state") // 4
     # one micro-batch per step: the gradients are not alive with the activations
     assert not ddp.grads_at_peak and plain.grads_at_peak
+
+
+def test_fsdp_gathers_bf16_instead_of_keeping_autocast_copies():
+    config = CONFIGS["llama"](num_hidden_layers=8)
+    one = estimate(config, Setup(micro_batch=4, seq_len=64, compute_bytes=2))
+    fsdp = estimate(config, Setup(world=4, parallel="fsdp", micro_batch=4, seq_len=64, compute_bytes=2))
+    fsdp32 = estimate(config, Setup(world=4, parallel="fsdp", micro_batch=4, seq_len=64, compute_bytes=4))
+    assert one.get("autocast weight copies") > 0  # one process (and DDP) autocast over float32 weights
+    assert "autocast weight copies" not in {i.name for i in fsdp.step}  # MixedPrecisionPolicy: no autocast
+    assert 2 * fsdp.get("FSDP gathered units") == fsdp32.get("FSDP gathered units")  # gathered in bf16
+    # its forward is a bf16 model's (the formula measured on one above), over float32 shards
+    bf16 = estimate(config, Setup(micro_batch=4, seq_len=64, weight_bytes=2, compute_bytes=2))
+    assert fsdp.get("activations") == bf16.get("activations") < one.get("activations")
+    assert fsdp.get("weights") == fsdp.get("gradients") == one.get("weights") // 4  # float32 shards
 
 
 @pytest.fixture
@@ -135,6 +150,15 @@ def test_one_shot_plans_the_compact_model_with_the_source_resident(offline):
     setup = replace(plan.setup, structures=(), distill=True)  # no masks; the 7B source held as the teacher
     assert plan.memory.peak == estimate(compact, setup, config).peak < l0.memory.peak
     assert parameter_counts(compact, source_shape(compact)).total == plan.target.total
+
+
+def test_fsdp_paper_plan_counts_no_autocast_copies(offline):
+    cfg = load_config(ROOT / "configs" / "prune-llama2-7b-1.3b.yaml")  # parallel: fsdp, bf16 compute
+    fsdp, one = make_plan(cfg, world=8, memory_gb=80), make_plan(cfg, world=1, memory_gb=80)
+    assert fsdp.setup.compute_bytes == 2 and fsdp.setup.mixed_precision and not one.setup.mixed_precision
+    assert "autocast weight copies" not in {i.name for i in fsdp.memory.step}
+    assert one.memory.get("autocast weight copies") > 0
+    assert not any("autocast" in w for w in fsdp.warnings)
 
 
 def test_per_sequence_masks_are_named_as_uncounted_memory(offline):

@@ -163,9 +163,6 @@ def make_plan(cfg: RunConfig, world: int = 1, memory_gb: float | None = None, de
         warnings.append(f"micro_batch_size {t.micro_batch_size} needs ~{act / GB:.1f} GB of activations per "
                         f"device: enable train.activation_checkpointing ({mem.activations_other / GB:.1f} GB) "
                         "or lower it")
-    if setup.compute_bytes != setup.weight_bytes and setup.fsdp:
-        warnings.append(f"autocast keeps a bf16 copy of every gathered weight until the forward ends "
-                        f"({mem.get('autocast weight copies') / GB:.1f} GB per device, not sharded)")
     if cfg.pruning.enabled and cfg.pruning.mask_samples == "sequence":
         warnings.append("pruning.mask_samples=sequence masks activations, not weights: a pruning step measured "
                         "~10% more memory than with micro_batch, which this estimate does not count (bench_pruning.py)")

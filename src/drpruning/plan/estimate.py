@@ -7,6 +7,10 @@ the logits, autocast's weight copies, and the gradients when they are alive then
 several micro-batches (with one, they appear only as the activations are freed). The optimiser step holds
 the gradients and, on GPUs (torch's foreach AdamW), a temporary the size of one moment; the larger phase
 counts.
+
+FSDP with bf16 compute over float32 weights gathers the weights in bf16 (`training.parallel.mixed_precision`)
+and runs without autocast: no weight copies, and the forward saves what a bf16 model's would (residual stream
+and layer inputs in bf16).
 """
 
 from __future__ import annotations
@@ -39,6 +43,17 @@ class Setup:
     @property
     def fsdp(self) -> bool:
         return self.world > 1 and self.parallel == "fsdp"
+
+    @property
+    def mixed_precision(self) -> bool:
+        """FSDP's MixedPrecisionPolicy instead of autocast: bf16 compute over float32 weights under FSDP."""
+        return self.fsdp and self.compute_bytes < self.weight_bytes
+
+    @property
+    def forward_bytes(self) -> int:
+        """Bytes per element of the weights a forward reads (and of its residual stream): the gathered bf16
+        under the policy, else the weights' own."""
+        return self.compute_bytes if self.mixed_precision else self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,7 @@ def masked_linears(structures: tuple[str, ...]) -> tuple[bool, bool]:
 
 
 def activation_bytes(config: Any, shape: Shape, s: Setup, checkpointing: bool) -> int:
-    w, c, b, t = s.weight_bytes, s.compute_bytes, s.micro_batch, s.seq_len
+    w, c, b, t = s.forward_bytes, s.compute_bytes, s.micro_batch, s.seq_len
     mo, md = masked_linears(s.structures)
     if checkpointing:
         return m.checkpointed_bytes(config, shape, b, t, w, c) + m.recompute_bytes(config, shape, b, t, w, c, mo, md)
@@ -101,8 +116,9 @@ def estimate(config: Any, s: Setup, teacher_config: Any | None = None) -> Memory
         tn = m.parameter_counts(teacher_config, source_shape(teacher_config)).total
         resident.append(Item("teacher", tn * w // shard, f"frozen {tn / 1e9:.2f}B x {w} B {per}".rstrip()))
     if s.fsdp:
-        resident.append(Item("FSDP gathered units", m.fsdp_unsharded_params(shape, counts) * w,
-                             "root (embeddings, LM head) + 2 decoder layers, unsharded"))
+        gathered = {4: "float32", 2: "bf16 (MixedPrecisionPolicy)"}[s.forward_bytes]
+        resident.append(Item("FSDP gathered units", m.fsdp_unsharded_params(shape, counts) * s.forward_bytes,
+                             f"root (embeddings, LM head) + 2 decoder layers, unsharded, {gathered}"))
     elif s.world > 1:
         resident.append(Item("DDP gradient buckets", n * w, "DDP's flat copy of the gradients"))
     grads = Item("gradients", n * w // shard, f"{w} B per parameter {per}".rstrip())
@@ -112,9 +128,9 @@ def estimate(config: Any, s: Setup, teacher_config: Any | None = None) -> Memory
     how = "layer inputs + one layer recomputed" if s.checkpointing else "all layers"
     step = [grads, Item("activations", act, f"{s.micro_batch} x {s.seq_len} tokens, {how}")]
     mo, md = masked_linears(s.structures)
-    if c != w:
+    if c != s.forward_bytes:  # autocast over float32 weights (one process, DDP); not under FSDP's policy
         step.append(Item("autocast weight copies", m.weight_copy_bytes(config, shape, c, mo, md),
-                         "bf16 copy of every linear weight" + (", gathered: full size" if s.fsdp else "")))
+                         "bf16 copy of every linear weight"))
     logits = m.logits_bytes(config.vocab_size, s.micro_batch, s.seq_len, c, CHUNK_ROWS)
     if s.distill:
         logits += tokens * config.vocab_size * c  # the teacher's logits

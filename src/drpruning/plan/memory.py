@@ -16,7 +16,10 @@ Outside the layers: the token ids (8), the final norm and LM-head input (4d + 4 
 the rotary cos/sin tables (2 x seq_len x head_dim x w) once per forward. Under autocast every float32 weight
 a linear layer reads is also kept as a bf16 copy until the end of the forward (autocast's cast cache; and
 for backward), except o_proj / down_proj under the pruning masks, whose function keeps the weight itself.
-Under FSDP these copies are of the gathered (full) weights, on every rank.
+
+FSDP with bf16 compute over float32 weights runs no autocast: its MixedPrecisionPolicy gathers each unit's
+weights in bf16 (`training.parallel.mixed_precision`), so the forward is a bf16 model's (w = c = 2 above, the
+residual stream included) with no weight copies, and the gathered units are counted at 2 bytes, not 4.
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def pruner_bytes(shape: Shape, structures: tuple[str, ...] | list[str], head_mod
 
 def fsdp_unsharded_params(shape: Shape, counts: ParamCounts) -> int:
     """Parameters FSDP2 holds gathered at once: the root unit (embeddings, LM head, final norm; not
-    resharded between forward and backward) and two decoder layers (the current one and the prefetched)."""
+    resharded between forward and backward) and two decoder layers (the current one and the prefetched).
+    Gathered in the policy's param_dtype: bf16 under bf16 compute, else the weights' dtype."""
     per_layer = (counts.attention + counts.mlp) // shape.num_hidden_layers + 2 * shape.hidden_size
     return counts.embedding + counts.lm_head + shape.hidden_size + 2 * per_layer
 

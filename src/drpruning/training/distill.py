@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from drpruning.config import ConfigError, RunConfig
+from drpruning.loss import autocast_dtype
 from drpruning.models.loading import load_model
 from drpruning.training import distributed as dist
 from drpruning.training import parallel
@@ -27,5 +28,6 @@ def load_teacher(cfg: RunConfig, student: torch.nn.Module, device: torch.device,
     teacher.config.use_cache = False
     teacher = teacher.to(device).eval()
     if dist.world() > 1 and cfg.parallel == "fsdp":  # sharded like the student, never trained
-        teacher = parallel.wrap_model(teacher, "fsdp", device)
+        # under the student's mixed-precision policy too: its forward runs inside the student's (no autocast)
+        teacher = parallel.wrap_model(teacher, "fsdp", device, autocast_dtype(cfg.train.dtype, device))
     return teacher

@@ -4,6 +4,11 @@ Only the *weights* are wrapped. The Pruner's masks and multipliers stay plain, r
 wrapper: the loop averages their gradients by hand, so every rank takes the same optimiser step on them
 (`check_replicated` verifies it at every checkpoint).
 
+Mixed precision: one process and DDP autocast to bf16 over float32 weights. FSDP instead gathers each unit's
+weights in bf16 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32)`, as torchtitan does) and runs
+without autocast: autocast would gather float32 and then keep a bf16 copy of every gathered weight until the
+forward ends. `forward_dtype` is the one switch the callers ask for the autocast dtype of a forward.
+
 The checkpoint files these helpers read and write are described in `drpruning.training.checkpoint`.
 """
 
@@ -12,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
@@ -20,6 +25,9 @@ from torch import nn
 
 from drpruning.models.families import family_of
 from drpruning.training import distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 log = logging.getLogger(__name__)
 DCP_METADATA = ".metadata"  # written by DCP next to the shards; marks an FSDP checkpoint
@@ -34,8 +42,33 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                         "use parallel: ddp") from None
 
 
-def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """The module to run forward/backward through: a DDP wrapper, or `model` itself sharded in place (FSDP2).
+GATHERED_DTYPE = "_drpruning_gathered_dtype"  # set by wrap_model on an FSDP root gathered in the compute dtype
+
+
+def mixed_precision(model: nn.Module, compute_dtype: torch.dtype | None) -> MixedPrecisionPolicy | None:
+    """FSDP2's `MixedPrecisionPolicy` for bf16 compute over float32 weights: weights gathered in bf16 (the
+    forward runs in bf16 without autocast), gradients reduce-scattered and kept in float32 (no rounding of
+    the sum over ranks; the optimiser sees float32 gradients of its float32 shards). None otherwise: float32
+    compute, or weights already in the compute dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    weights = next(model.parameters()).dtype
+    if compute_dtype is None or compute_dtype == torch.float32 or weights != torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def forward_dtype(model: nn.Module, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype for a forward through `model`: None when FSDP already gathers its weights in
+    `compute_dtype` (autocast would only add a copy of them), else `compute_dtype`."""
+    gathered = getattr(model, GATHERED_DTYPE, None)
+    return None if gathered is not None and gathered == compute_dtype else compute_dtype
+
+
+def wrap_model(model: nn.Module, parallel: str, device: torch.device,
+               compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """The module to run forward/backward through: a DDP wrapper, or `model` itself sharded in place (FSDP2,
+    under `mixed_precision(model, compute_dtype)`; then run its forwards at `forward_dtype`).
 
     Gradients are averaged over ranks in both cases, which is why the loop scales each rank's loss by the
     world size."""
@@ -50,11 +83,15 @@ def wrap_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Modu
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (dist.world(),))
+        policy = mixed_precision(model, compute_dtype)
+        extra = {} if policy is None else {"mp_policy": policy}
         # One unit per decoder layer keeps only one layer's full weights alive at a time; the root unit holds
         # embeddings, final norm and LM head (tied embeddings stay one parameter there).
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **extra)
+        fully_shard(model, mesh=mesh, **extra)
+        if policy is not None:
+            setattr(model, GATHERED_DTYPE, policy.param_dtype)
         return model
     raise ValueError(f"parallel={parallel!r}: use ddp or fsdp")
 
