@@ -18,6 +18,7 @@ from drpruning.config import ConfigError, load_config
 from drpruning.data.sampler import MixtureSampler
 from drpruning.pruning import Pruner, attach, export_run
 from drpruning.pruning.importance import calibrate
+from drpruning.training import health
 from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
@@ -107,7 +108,10 @@ def test_sequence_longer_than_context_is_refused(tmp_path, model_dir):
 KILLER = """
 import os, signal, sys
 from drpruning.config import load_config
+from drpruning.training import health
 from drpruning.training.trainer import Trainer
+
+health.SPIKE_NATS = float(os.environ["SPIKE_NATS"])
 
 kill_at = int(sys.argv[1])
 original = Trainer.save_checkpoint
@@ -136,14 +140,19 @@ ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target
     ("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS),
     pytest.param("constant", ONE_SHOT, marks=pytest.mark.slow),  # in the slow tier: the default suite's 3 minutes
 ], ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill"])
-def test_resume_after_sigkill_is_exact(tmp_path, model_dir, method, extra):
+def test_resume_after_sigkill_is_exact(tmp_path, model_dir, monkeypatch, method, extra):
+    # a loss-spike threshold below any rise: every step after the first 5 writes a `warning` record holding the
+    # guard's running loss average, so a guard that restarted on resume would change records
+    spike = -100.0
+    monkeypatch.setattr(health, "SPIKE_NATS", spike)
     common = {"train.steps": 8, "mixing.method": method, "train.dtype": "bfloat16"}
     whole = overrides(tmp_path / "a", model_dir, **common) + extra
     Trainer(load_config(None, whole)).run()
     expected = strip(read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in expected if r["kind"] == "warning"] == [6, 7, 8]
 
     broken = overrides(tmp_path / "b", model_dir, **common) + extra
-    env = {**os.environ, "PYTHONPATH": str(HELPERS)}
+    env = {**os.environ, "PYTHONPATH": str(HELPERS), "SPIKE_NATS": str(spike)}
     proc = subprocess.run([sys.executable, "-c", KILLER, "6", *broken], env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run_b = tmp_path / "b" / "run"

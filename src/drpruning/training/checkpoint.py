@@ -12,7 +12,8 @@ Layout of `checkpoints/step-N/` (format 2):
 - `state.pt` (`torch.load(weights_only=True)`): {"format": 2, "step", "domain_tokens", "optimizers" and
   "schedulers" by name ("weights", "masks"; the weights' optimiser is absent under FSDP, being in the DCP
   shards), "sampler", "mixer", "rng" (this process's global RNGs), "pruner_rng" (one mask-sampling state per
-  rank)}. Format 1 (drpruning 0.1.0: lists instead of names, the proportions once more) still loads.
+  rank), "health" (the loss-spike average and the count of bad steps in a row; absent in older checkpoints)}.
+  Format 1 (drpruning 0.1.0: lists instead of names, the proportions once more) still loads.
 """
 
 from __future__ import annotations

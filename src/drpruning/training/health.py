@@ -25,6 +25,13 @@ class HealthGuard:
         self.bad_steps = 0  # in a row
         self.loss_ema: float | None = None
 
+    def state_dict(self) -> dict:
+        """What the checks carry from step to step: a resumed run warns exactly where an unbroken one would."""
+        return {"bad_steps": self.bad_steps, "loss_ema": self.loss_ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_steps, self.loss_ema = int(state["bad_steps"]), state["loss_ema"]
+
     def check(self, step: int, record: dict) -> None:
         """After optimiser step `step`: its training record says whether it was skipped (`bad`)."""
         if "bad" in record:
