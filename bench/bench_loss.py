@@ -7,6 +7,8 @@ was computed before issue 11's fused path), forward + backward, side by side in 
 Logits shaped like the demo's (4 x 256 tokens, SmolLM2's 49152-word vocabulary), random; the two paths
 alternate within each round; the figure is each path's median seconds and their ratio. Both paths' losses
 and gradients are compared first (they must agree: tests/unit/test_loss.py checks it to tolerance).
+Peak memory: each path once more, alone, the process's peak resident set (reset before) above what it held
+before, with glibc's default malloc (large tensors are mapped and unmapped, so the peak is what was live).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from rss import MB, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 from drpruning.loss import nll_and_kl, nll_from_logits
 
@@ -63,11 +66,19 @@ def main() -> None:
     for a, b in zip(results["separate"], results["fused"]):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
     med = {name: statistics.median(v[1:]) for name, v in seconds.items()}
+    del results
+    peak = {}
+    for name, path in paths.items():
+        base = rss_bytes()
+        reset_peak_rss()
+        timed(path, logits, targets, teacher, args.temperature)
+        peak[name] = (peak_rss_bytes() - base) / MB
     print(f"logits {list(shape)} {args.dtype}, temperature {args.temperature}, median of {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads")
-    print("| path | forward + backward s | / separate |\n|---|---|---|")
+          f"{torch.get_num_threads()} threads; each logits tensor {logits.numel() * logits.element_size() / MB:.0f} MB")
+    print("| path | forward + backward s | / separate | peak MB above the inputs | / separate |\n|---|---|---|---|---|")
     for name in paths:
-        print(f"| {name} | {med[name]:.3f} | {med[name] / med['separate']:.2f} |")
+        print(f"| {name} | {med[name]:.3f} | {med[name] / med['separate']:.2f} | {peak[name]:.0f} | "
+              f"{peak[name] / peak['separate']:.2f} |")
 
 
 if __name__ == "__main__":

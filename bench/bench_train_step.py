@@ -9,6 +9,7 @@ Model FLOPs per step = (6 * N + 6 * L * S * d_attn) * T, where
 MFU = model FLOPs/s / measured dense matmul FLOP/s of the same dtype on this machine (not the vendor peak).
 
     .venv/bin/python bench/bench_train_step.py [--model smollm2-135m] [--steps 3] [--batch 4] [--seq 256]
+    .venv/bin/python bench/bench_train_step.py --compile [--steps 5]   # eager vs compiled: bench_compile.py
 """
 
 from __future__ import annotations
@@ -81,7 +82,14 @@ def main() -> None:
                     help="build the architecture from its config only (speed does not depend on the weights)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="CPU: keep glibc's default malloc (the trainer stops it returning memory to the OS)")
+    ap.add_argument("--compile", action="store_true",
+                    help="eager against compiled decoder layers, steps alternating in one process, for a plain "
+                         "step, a pruning step (masked model) and a one-shot step with distillation (bf16)")
     args = ap.parse_args()
+    if args.compile:
+        from bench_compile import compare
+
+        return compare(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.default_malloc:
         from drpruning.training.cpu_memory import keep_freed_memory

@@ -73,6 +73,9 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # distillation from a frozen teacher
     # recompute each decoder layer's activations in backward instead of keeping them (memory for time)
     activation_checkpointing: bool = False
+    # torch.compile each decoder layer (one graph serves them all): true | false | auto (on when the run's
+    # estimated compute saving exceeds the compile time; drpruning.training.compiling)
+    compile: Any = "auto"
 
 
 @dataclass
@@ -272,6 +275,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.distill.temperature", t.distill.temperature)
     if cfg.resume not in (True, False, "auto"):
         raise ConfigError(f"config key 'resume' is {cfg.resume!r}: use true, false or auto")
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"config key 'train.compile' is {t.compile!r}: use true, false or auto")
     if not (isinstance(t.max_bad_steps, int) and t.max_bad_steps >= 1):
         raise ConfigError(f"config key 'train.max_bad_steps' must be an integer >= 1, got {t.max_bad_steps!r}")
     if cfg.log.wandb.mode not in ("offline", "online"):

@@ -165,18 +165,14 @@ def _sequence_masked_linear(linear: nn.Linear, x: torch.Tensor, zo: torch.Tensor
     return y if zo is None else y * zo[:, None, :].to(y.dtype)
 
 
-def _masked_linear_forward(handle: MaskedModel, layer: int, in_key: str | None):
-    """forward of o_proj (`in_key` "head") / down_proj ("intermediate") of one layer, with its masks."""
-
-    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        cur = handle.current
-        zin = cur[in_key][layer] if in_key is not None and cur[in_key] is not None else None
-        zo = cur["out"][layer] if cur["out"] is not None else None
-        if (zo if zo is not None else zin).dim() == 2:  # one mask per sequence: on the activations
-            return _sequence_masked_linear(self, x, zo, zin)
-        return MaskedLinear.apply(x, self.weight, self.bias, zo, zin)
-
-    return forward
+def _masked_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """forward of a masked o_proj / down_proj: its masks are the module's `masks` attribute, (input-column
+    mask, output-row mask), set by the decoder's pre-hook each forward. One function for every layer, with
+    no per-layer constant, so `torch.compile` traces one decoder-layer graph for all layers."""
+    zin, zo = self.masks
+    if (zo if zo is not None else zin).dim() == 2:  # one mask per sequence: on the activations
+        return _sequence_masked_linear(self, x, zo, zin)
+    return MaskedLinear.apply(x, self.weight, self.bias, zo, zin)
 
 
 class MaskedModel:
@@ -192,6 +188,7 @@ class MaskedModel:
         for h in self._handles:
             if isinstance(h, nn.Module):  # an instance override: the class's forward returns
                 h.__dict__.pop("forward", None)
+                h.__dict__.pop("masks", None)
             else:
                 h.remove()
         self._handles = []
@@ -213,19 +210,26 @@ class MaskedModel:
                 f"model has {len(base.layers)} layers, the pruner was built for {pruner.source.num_hidden_layers}"
             )
 
-        def sample(_module, args, kwargs):
-            ids = args[0] if args else kwargs.get("input_ids")
-            ids = ids if ids is not None else kwargs.get("inputs_embeds")
-            self.current = prepare_masks(pruner, ids.shape[0] if ids is not None else None)
-
-        self._handles.append(base.register_forward_pre_hook(sample, with_kwargs=True))
         outputs = "layer" in pruner.structures or "hidden" in pruner.structures
+        masked: list[tuple[nn.Module, int, str | None]] = []  # (module, layer, its input mask's key)
         for i, layer in enumerate(base.layers):
             for module, in_key in ((family.attn(layer, "o"), "head"), (family.ffn(layer, "down"), "intermediate")):
                 in_key = in_key if in_key in pruner.structures else None
                 if in_key is not None or outputs:
-                    module.forward = types.MethodType(_masked_linear_forward(self, i, in_key), module)
-                    self._handles.append(module)
+                    masked.append((module, i, in_key))
+
+        def sample(_module, args, kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            ids = ids if ids is not None else kwargs.get("inputs_embeds")
+            cur = self.current = prepare_masks(pruner, ids.shape[0] if ids is not None else None)
+            for module, i, in_key in masked:
+                module.masks = (cur[in_key][i] if in_key is not None and cur[in_key] is not None else None,
+                                cur["out"][i] if cur["out"] is not None else None)
+
+        self._handles.append(base.register_forward_pre_hook(sample, with_kwargs=True))
+        for module, _, _ in masked:
+            module.forward = types.MethodType(_masked_linear_forward, module)
+            self._handles.append(module)
         if "hidden" in pruner.structures:
             forward = _masked_rms_forward(self)
             for norm in family.residual_norms(model):

@@ -30,8 +30,8 @@ from drpruning.pruning import Pruner, attach, export_model, one_shot
 from drpruning.pruning.importance import calibrate
 from drpruning.pruning.summary import shape_summary
 from drpruning.training import checkpoint as ckpt
+from drpruning.training import compiling, parallel
 from drpruning.training import distributed as dist
-from drpruning.training import parallel
 from drpruning.training.cpu_memory import keep_freed_memory
 from drpruning.training.distill import load_teacher
 from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_refusal
@@ -60,6 +60,7 @@ class Trainer:
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
         if cfg.pruning.enabled:
             resolve_target(model_config, cfg.pruning)
+        compiling.check_available(t.compile, self.device)
         check_memory(cfg, model_config, self.device, dist.world())  # refuse what cannot fit (drpruning plan)
         per_step = t.micro_batch_size * dist.world()
         if t.batch_size % per_step:
@@ -80,6 +81,7 @@ class Trainer:
         self.names = self.corpus.names
         self.initial = initial_proportions(cfg.data, self.names, self.corpus.train_tokens)
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        self.forward_dtype = self.amp_dtype  # every forward's autocast; None once FSDP gathers weights in it
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
 
         self.pruner, self.cut, source = None, None, None
@@ -90,7 +92,7 @@ class Trainer:
             final_sparsity = pruner.final_sparsity()
             if pruner.one_shot:  # cut once, then train the compact model: the source stays whole (a teacher)
                 source = self.model
-                with autocast(self.device, self.amp_dtype):
+                with autocast(self.device, self.forward_dtype):
                     self.model, self.cut = one_shot.cut_once(  # the source's losses and their errors, before the cut
                         self.run_dir, pruner, source, self.corpus.train, t.micro_batch_size,
                         lambda: {"losses": self.evaluate(), "se": self.eval_se}, self.tokenizer,
@@ -102,13 +104,16 @@ class Trainer:
                 self.masked = attach(self.model, self.pruner)
         self.teacher = load_teacher(cfg, self.model, self.device, source) if t.distill.weight > 0 else None
         del source
+        self.compiled = compiling.compile_run(t.compile, self.device, t.batch_size * cfg.data.seq_len, t.steps,
+                                              self.model, self.teacher)
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
         continue_stream(self.sampler, source_dir)  # after pruning: read on, not the pruning run's windows again
         if t.activation_checkpointing:  # on the plain model, before DDP / FSDP wrap it (same numbers, less memory)
             parallel.enable_activation_checkpointing(self.model)
-        self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device) if dist.world() > 1 \
-            else self.model
+        self.train_model = parallel.wrap_model(self.model, cfg.parallel, self.device, self.amp_dtype) \
+            if dist.world() > 1 else self.model
+        self.forward_dtype = parallel.forward_dtype(self.train_model, self.amp_dtype)
         self.optimizers = build_optimizers(self.train_model, self.pruner, t)
         self.schedulers = build_schedulers(self.optimizers, t, cfg.pruning if self.pruner is not None else None)
         self.step, self.elapsed_s = 0, 0.0  # elapsed_s: earlier processes' training time, kept for resumes
@@ -119,7 +124,7 @@ class Trainer:
         """Per-domain held-out loss (token-weighted), with deterministic masks when pruning."""
         with self.pruner.evaluating(exact) if self.pruner is not None else contextlib.nullcontext():
             held_out = [e[:self.cfg.train.eval_limit] for e in self.corpus.eval]  # [:None] keeps all
-            stats = domain_nll(self.model, held_out, self.cfg.train.eval_batch_size, self.amp_dtype,
+            stats = domain_nll(self.model, held_out, self.cfg.train.eval_batch_size, self.forward_dtype,
                                shard=(dist.rank(), dist.world()), collective=parallel.is_fsdp(self.model))
         losses, self.eval_se = loss_and_error(dist.all_reduce_sum(stats))
         return losses
@@ -164,7 +169,7 @@ class Trainer:
             ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
             domains = torch.tensor([d for d, _ in chunk], device=self.device)
             with parallel.maybe_no_sync(self.train_model, sync=j == len(micro) - 1):
-                with autocast(self.device, self.amp_dtype):
+                with autocast(self.device, self.forward_dtype):
                     nll, kl = token_losses(self.train_model, ids, self.teacher, t.distill.temperature)
                 seq_sums = nll.sum(dim=1)
                 objective = seq_sums if kl is None else (1 - w) * seq_sums + w * kl.sum(dim=1)
@@ -213,7 +218,8 @@ class Trainer:
             rngs = parallel.gather_objects(self.pruner.rng_state())
         state = {"step": self.step, "domain_tokens": self.domain_tokens, "elapsed_s": time.perf_counter() - self.start,
                  "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(), "pruner_rng": rngs}
+                 "sampler": self.sampler.state_dict(), "mixer": self.mixer.state_dict(), "pruner_rng": rngs,
+                 "health": self.health.state_dict()}
 
         def write(folder: Path) -> None:
             ckpt.write_state(folder, self.model, self.optimizers, state, self.pruner, self.main)
@@ -235,6 +241,7 @@ class Trainer:
             scheduler.load_state_dict(state["schedulers"][name])
         self.sampler.load_state_dict(state["sampler"])
         self.mixer.load_state_dict(state["mixer"])
+        self.health.load_state_dict(state.get("health", self.health.state_dict()))  # older: none kept
         self.domain_tokens, self.elapsed_s = list(state["domain_tokens"]), float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
         return int(state["step"])
@@ -263,7 +270,7 @@ class Trainer:
             else:
                 with self.masked.unmasked() if self.pruner is not None else contextlib.nullcontext():
                     if self.pruner is not None and self.cfg.pruning.init == "importance":
-                        with autocast(self.device, self.amp_dtype):
+                        with autocast(self.device, self.forward_dtype):
                             kept = calibrate(self.pruner, self.model, self.corpus.train,
                                              self.cfg.train.micro_batch_size)
                         self.metrics.write("calibration", step=0, protected_hidden=kept)

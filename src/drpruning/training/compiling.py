@@ -1,0 +1,90 @@
+"""`train.compile`: `torch.compile` each decoder layer, as torchtitan does, and when `auto` turns it on.
+
+Per layer, not the whole model: every decoder layer runs the same code, so dynamo traces one graph that
+serves all of them and compile time is one layer's, not that of the unrolled stack. Measured on SmolLM2-135M
+(2-core CPU, bf16 autocast, 4 x 256 tokens): the whole model took 104 s to compile and stepped no faster than
+eager; per layer, 35 s and 1.3x (docs/benchmarks.md). The embedding, final norm, LM head and loss stay eager.
+
+A masked model compiles the same way: the decoder's pre-hook (outside the compiled layers) samples the
+hard-concrete masks and hands each o_proj / down_proj its masks as a module attribute, so no per-layer
+constant reaches the graph and the one graph serves every layer (`pruning.masked_model`); `MaskedLinear`'s
+custom backward is traced as it is. No graph breaks (`torch._dynamo.explain`, bench/bench_train_step.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import torch
+from torch import nn
+
+from drpruning.config import ConfigError
+from drpruning.models.families import family_of
+
+log = logging.getLogger(__name__)
+
+# What `auto` weighs: the compile time it must win back, and the share of a step compiled layers save.
+# Measured here (docs/benchmarks.md): 35 s for the first compiled SmolLM2 step, 10 s for the masked one, plus
+# a recompile for no-grad evaluation and the teacher; compiled steps 1.25-1.3x faster (0.2 of a step saved).
+COMPILE_SECONDS = 60.0
+SAVED_FRACTION = 0.2
+# model FLOP/s of an eager step, to turn a run's FLOPs into seconds: 2-core bf16 CPU measured (about 0.25
+# TFLOP/s); for a GPU a deliberately low 100 TFLOP/s (bf16 H100 runs reach 300-400), so auto errs towards on
+RATE = {"cpu": 2.5e11, "cuda": 1e14}
+RECOMPILE_LIMIT = 32  # graphs per layer: train, no-grad evaluation, unmasked source, teacher, batch shapes
+
+
+def have_compiler() -> bool:
+    """Inductor's CPU code generation needs a C++ compiler."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def compile_pays(params: float, tokens_per_step: int, steps: int, device: torch.device,
+                 teacher_params: float = 0.0) -> bool:
+    """Whether the saved step time, SAVED_FRACTION of the run's estimated eager time (6 N FLOPs a trained
+    token, 2 N a teacher token), exceeds COMPILE_SECONDS."""
+    flops = (6 * params + 2 * teacher_params) * tokens_per_step * steps
+    return SAVED_FRACTION * flops / RATE.get(device.type, RATE["cpu"]) > COMPILE_SECONDS
+
+
+def use_compile(setting: bool | str, device: torch.device, params: float, tokens_per_step: int, steps: int,
+                teacher_params: float = 0.0) -> bool:
+    """The `train.compile` decision; `true` without a C++ compiler on a CPU is a ConfigError."""
+    check_available(setting, device)
+    if setting is True:
+        return True
+    if setting is False or (device.type == "cpu" and not have_compiler()):
+        return False
+    return compile_pays(params, tokens_per_step, steps, device, teacher_params)
+
+
+def check_available(setting: bool | str, device: torch.device) -> None:
+    """`train.compile=true` on a CPU without a C++ compiler is a ConfigError (checked before any loading)."""
+    if setting is True and device.type == "cpu" and not have_compiler():
+        raise ConfigError("train.compile=true needs a C++ compiler on a CPU (torch inductor writes C++): "
+                          "install g++ (e.g. apt-get install g++), or set train.compile=false")
+
+
+def compile_layers(model: nn.Module) -> None:
+    """Compile every decoder layer of `model` in place (`nn.Module.compile`: state-dict keys, hooks and
+    checkpoints unchanged). Call before DDP / FSDP wrap the model, after activation checkpointing."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # no KV cache: each layer would see its own cache entry, a per-layer guard that recompiles every layer
+    model.config.use_cache = False
+    for layer in family_of(model.config).layers(model):
+        layer.compile()
+
+
+def compile_run(setting: bool | str, device: torch.device, tokens_per_step: int, steps: int, model: nn.Module,
+                teacher: nn.Module | None) -> bool:
+    """Compile the trained model's and the teacher's decoder layers where `train.compile` says so; whether it
+    did. The teacher (a one-shot run's uncut source, or any frozen model) gets its own no-grad graph."""
+    count = [0 if m is None else sum(p.numel() for p in m.parameters()) for m in (model, teacher)]
+    if not use_compile(setting, device, count[0], tokens_per_step, steps, count[1]):
+        return False
+    for m in (model, teacher):
+        if m is not None:
+            compile_layers(m)
+    log.info("train.compile=%s: decoder layers compiled (the first steps include compiling them)", setting)
+    return True
