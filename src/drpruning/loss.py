@@ -56,6 +56,57 @@ def _spans(shape: torch.Size, rows: int) -> list[tuple[int, slice]]:
     return [(b, slice(i, min(i + rows, shape[1]))) for b in range(shape[0]) for i in range(0, shape[1], rows)]
 
 
+def _nll_rows(s: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(s.float(), targets, reduction="none")
+
+
+def _nll_rows_grad(s: torch.Tensor, targets: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
+    """d nll / ds = softmax(s) - onehot(target), times the incoming gradient (the compiled backward)."""
+    g = torch.softmax(s.float(), dim=-1).mul_(gn[:, None])
+    return g.scatter_add_(-1, targets[:, None], -gn[:, None])
+
+
+def _nll_kl_rows(s: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and T^2 KL(teacher || student) of one chunk of rows, float32."""
+    s = s.float()
+    log_q = torch.log_softmax(s, dim=-1)
+    nll = -log_q.gather(-1, targets[:, None]).squeeze(-1)
+    if temperature != 1.0:
+        log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    diff = log_p - log_q
+    return nll, log_p.exp_().mul_(diff).sum(-1) * temperature**2
+
+
+def _nll_kl_rows_grad(s: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, gn: torch.Tensor,
+                      gk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d nll / ds = q - onehot(target), d (T^2 KL) / ds = T (q_T - p_T), times the incoming gradients."""
+    s, gn, gk = s.float(), gn[:, None].float(), gk[:, None].float() * temperature
+    p = torch.softmax(teacher.float() / temperature, dim=-1)
+    if temperature == 1.0:  # q (gn + gk) - p gk
+        g = torch.softmax(s, dim=-1).mul_(gn + gk).sub_(p.mul_(gk))
+    else:  # q gn + (q_T - p_T) gk
+        g = torch.softmax(s / temperature, dim=-1).sub_(p).mul_(gk).add_(torch.softmax(s, dim=-1).mul_(gn))
+    return g.scatter_add_(-1, targets[:, None], -gn)
+
+
+_KERNELS = {"nll": _nll_rows, "nll_grad": _nll_rows_grad, "nll_kl": _nll_kl_rows, "nll_kl_grad": _nll_kl_rows_grad}
+_COMPILED: dict = {}  # the same kernels compiled (`compile_loss`): their passes over [rows, vocab] fused
+
+
+def compile_loss(on: bool = True) -> None:
+    """`train.compile`: run the loss's per-chunk math through torch.compile (static shapes: one graph per chunk
+    length). Off: the eager kernels, and the cross-entropy's backward through torch's own autograd."""
+    _COMPILED.clear()
+    if on:
+        _COMPILED.update({k: torch.compile(f, dynamic=False) for k, f in _KERNELS.items()})
+
+
+def _kernel(name: str):
+    return _COMPILED.get(name, _KERNELS[name])
+
+
 class _ChunkedNLL(torch.autograd.Function):
     """Per-token cross-entropy, `rows` tokens at a time in float32, whatever the logits' dtype.
 
@@ -71,9 +122,10 @@ class _ChunkedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         nll = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        rows_fn = _kernel("nll")
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
             for b, span in _spans(targets.shape, rows):
-                nll[b, span] = F.cross_entropy(logits[b, span].float(), targets[b, span], reduction="none")
+                nll[b, span] = rows_fn(logits[b, span], targets[b, span])
         ctx.save_for_backward(logits, targets)
         ctx.rows = rows
         return nll
@@ -83,6 +135,12 @@ class _ChunkedNLL(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad[:, targets.shape[1]:].zero_()  # positions past the targets (the last one's logits) predict nothing
+        if _COMPILED:
+            rows_fn = _kernel("nll_grad")
+            with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+                for b, span in _spans(targets.shape, ctx.rows):
+                    grad[b, span] = rows_fn(logits[b, span], targets[b, span], grad_nll[b, span])
+            return grad, None, None
         with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             for b, span in _spans(targets.shape, ctx.rows):
                 # the leaf is the logits' own chunk: its float32 copy is not kept once the log-softmax exists
@@ -123,16 +181,10 @@ class _ChunkedNLLKL(torch.autograd.Function):
                 rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         nll = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
         kl = torch.empty_like(nll)
+        rows_fn = _kernel("nll_kl")
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
             for b, span in _spans(targets.shape, rows):
-                s = logits[b, span].float()
-                log_q = torch.log_softmax(s, dim=-1)
-                nll[b, span] = -log_q.gather(-1, targets[b, span, None]).squeeze(-1)
-                if temperature != 1.0:
-                    log_q = torch.log_softmax(s / temperature, dim=-1)
-                log_p = torch.log_softmax(teacher[b, span].float() / temperature, dim=-1)
-                diff = log_p - log_q
-                kl[b, span] = log_p.exp_().mul_(diff).sum(-1) * temperature**2
+                nll[b, span], kl[b, span] = rows_fn(logits[b, span], teacher[b, span], targets[b, span], temperature)
         ctx.save_for_backward(logits, targets, teacher)
         ctx.rows, ctx.temperature = rows, temperature
         return nll, kl
@@ -145,17 +197,11 @@ class _ChunkedNLLKL(torch.autograd.Function):
         grad_kl = torch.zeros(targets.shape, device=logits.device) if grad_kl is None else grad_kl.float()
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad[:, targets.shape[1]:].zero_()  # positions past the targets predict nothing
+        rows_fn = _kernel("nll_kl_grad")
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
             for b, span in _spans(targets.shape, ctx.rows):
-                s = logits[b, span].float()
-                gn, gk = grad_nll[b, span, None], grad_kl[b, span, None] * temp
-                p = torch.softmax(teacher[b, span].float() / temp, dim=-1)
-                if temp == 1.0:  # q (gn + gk) - p gk
-                    g = torch.softmax(s, dim=-1).mul_(gn + gk).sub_(p.mul_(gk))
-                else:  # q gn + (q_T - p_T) gk
-                    g = torch.softmax(s / temp, dim=-1).sub_(p).mul_(gk).add_(torch.softmax(s, dim=-1).mul_(gn))
-                g.scatter_add_(-1, targets[b, span, None], -gn)
-                grad[b, span] = g
+                grad[b, span] = rows_fn(logits[b, span], teacher[b, span], targets[b, span], grad_nll[b, span],
+                                        grad_kl[b, span], temp)
         return grad, None, None, None, None
 
 

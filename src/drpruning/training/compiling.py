@@ -3,7 +3,8 @@
 Per layer, not the whole model: every decoder layer runs the same code, so dynamo traces one graph that
 serves all of them and compile time is one layer's, not that of the unrolled stack. Measured on SmolLM2-135M
 (2-core CPU, bf16 autocast, 4 x 256 tokens): the whole model took 104 s to compile and stepped no faster than
-eager; per layer, 35 s and 1.3x (docs/benchmarks.md). The embedding, final norm, LM head and loss stay eager.
+eager; per layer, 35 s and 1.3x. The embedding, final norm and LM head stay eager; the loss's per-chunk
+math over [rows, vocab] (`drpruning.loss.compile_loss`) is compiled too.
 
 A masked model compiles the same way: the decoder's pre-hook (outside the compiled layers) samples the
 hard-concrete masks and hands each o_proj / down_proj its masks as a module attribute, so no per-layer
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from drpruning.config import ConfigError
+from drpruning.loss import compile_loss
 from drpruning.models.families import family_of
 
 log = logging.getLogger(__name__)
@@ -73,15 +75,20 @@ def compile_layers(model: nn.Module) -> None:
     # no KV cache: each layer would see its own cache entry, a per-layer guard that recompiles every layer
     model.config.use_cache = False
     for layer in family_of(model.config).layers(model):
-        layer.compile()
+        # static shapes: a teacher and a compact student share the layer code, and dynamo's automatic dynamic
+        # shapes would replace both static graphs with one slower, shape-generic graph
+        layer.compile(dynamic=False)
 
 
 def compile_run(setting: bool | str, device: torch.device, tokens_per_step: int, steps: int, model: nn.Module,
                 teacher: nn.Module | None) -> bool:
-    """Compile the trained model's and the teacher's decoder layers where `train.compile` says so; whether it
-    did. The teacher (a one-shot run's uncut source, or any frozen model) gets its own no-grad graph."""
+    """Compile the trained model's and the teacher's decoder layers, and the loss's per-chunk math, where
+    `train.compile` says so; whether it did. The teacher (a one-shot run's uncut source, or any frozen model)
+    gets its own no-grad graph."""
     count = [0 if m is None else sum(p.numel() for p in m.parameters()) for m in (model, teacher)]
-    if not use_compile(setting, device, count[0], tokens_per_step, steps, count[1]):
+    on = use_compile(setting, device, count[0], tokens_per_step, steps, count[1])
+    compile_loss(on)  # the loss's per-chunk math too (a process-wide switch: set either way)
+    if not on:
         return False
     for m in (model, teacher):
         if m is not None:
