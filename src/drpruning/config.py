@@ -119,7 +119,9 @@ class PruningConfig:
     init_log_alpha: float = 5.0  # clamped to the log-alpha range (ln 100) at construction
     init_log_alpha_std: float = 0.01
     # importance: a calibration pass scores every unit; scores spread the initial log-alphas (the least
-    # important start `importance_spread` lower) and break ties; uniform: the paper's N(init, std)
+    # important start `importance_spread` lower) and break ties; uniform: the paper's N(init, std);
+    # one_shot: as importance, then the units the one-shot cut removes start at the bottom of the range, so
+    # the exact masks at step 0 are that cut and the expected size its size (no Lagrangian ramp by default)
     init: str = "importance"
     importance_spread: float = 2.0
     calibration_sequences: int = 16  # training sequences scored by the calibration pass
@@ -140,7 +142,10 @@ class PruningConfig:
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
-    return p.lagrangian_warmup_steps if p.lagrangian_warmup_steps is not None else round(0.2 * steps)
+    """The Lagrangian's ramp: 20% of the run by default; none when the masks start at the one-shot cut."""
+    if p.lagrangian_warmup_steps is not None:
+        return p.lagrangian_warmup_steps
+    return 0 if p.init == "one_shot" else round(0.2 * steps)
 
 
 @dataclass
@@ -297,8 +302,8 @@ def validate(cfg: RunConfig) -> None:
         if w is not None and not 0 <= w <= t.steps:
             raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the run has "
                               f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
-        if p.init not in ("uniform", "importance"):
-            raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform or importance")
+        if p.init not in ("uniform", "importance", "one_shot"):
+            raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform, importance or one_shot")
         if p.method not in ("l0", "importance"):
             raise ConfigError(f"config key 'pruning.method' is {p.method!r}: use l0 or importance")
         if p.method == "importance" and p.init != "importance":

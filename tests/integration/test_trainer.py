@@ -127,7 +127,7 @@ Trainer(load_config(None, sys.argv[2:])).run()
 
 
 NEW_OPTIONS = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
-               "pruning.init=importance", "pruning.protect={hidden: [3]}", "pruning.mask_schedule=constant",
+               "pruning.init=one_shot", "pruning.protect={hidden: [3]}", "pruning.mask_schedule=constant",
                "train.distill.weight=0.5", "train.distill.temperature=2.0", "mixing.outlier_nats=0.5",
                "train.activation_checkpointing=true", "log.tensorboard=true", "pruning.mask_samples=sequence"]
 

@@ -126,6 +126,11 @@ class Pruner(nn.Module):
             self.tie_key(s).copy_(score)
         if massive is not None and "hidden" in self.structures and self.cfg.protect_massive:
             self.protected("hidden").logical_or_(massive.to(self.protected("hidden").device))
+        if self.cfg.init == "one_shot":  # start at the one-shot cut: the units it removes go to the range's bottom,
+            low = LOG_ALPHA_MAX - self.cfg.importance_spread  # in their order (no new ties) a quarter as spread:
+            for s, mask in self.deterministic_masks(exact=True).items():  # P(z > 0) 0.05-0.08, kept 0.98-1
+                a = self.log_alpha[s]
+                a.copy_(torch.where(mask == 0, LOG_ALPHA_MIN + 0.25 * (a - low), a))
 
     # ---- sizes -----------------------------------------------------------------------------------
     def unit_count(self, structure: str) -> tuple[int, int]:

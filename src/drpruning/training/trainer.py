@@ -269,7 +269,7 @@ class Trainer:
                 losses, self.eval_se = self.cut["source_eval"]["losses"], self.cut["source_eval"]["se"]
             else:
                 with self.masked.unmasked() if self.pruner is not None else contextlib.nullcontext():
-                    if self.pruner is not None and self.cfg.pruning.init == "importance":
+                    if self.pruner is not None and self.cfg.pruning.init != "uniform":
                         with autocast(self.device, self.forward_dtype):
                             kept = calibrate(self.pruner, self.model, self.corpus.train,
                                              self.cfg.train.micro_batch_size)

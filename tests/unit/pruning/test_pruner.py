@@ -359,3 +359,25 @@ def test_lagrangian_reset_zeroes_a_multiplier_that_pushes_against_the_gap(reset)
     for s in pruner.structures:
         expected = -5.0 if s == "head" else (0.0 if reset else 5.0)
         assert float(pruner.lambda1[s].detach()) == expected, s
+
+
+def test_init_at_the_one_shot_cut_starts_from_its_exact_masks():
+    g = torch.Generator().manual_seed(3)
+    _, cut = make(method="importance")
+    _, learnt = make(init="one_shot")
+    scores = {s: torch.rand(a.shape, generator=g) for s, a in cut.log_alpha.items()}
+    massive = torch.zeros(32, dtype=torch.bool)
+    massive[0] = True
+    for p in (cut, learnt):
+        p.set_importance({s: v.clone() for s, v in scores.items()}, massive)
+    one_shot = cut.eval(exact=True).masks()
+    step0 = learnt.eval(exact=True).masks()
+    for s in one_shot:  # the same units kept as the one-shot cut's
+        assert torch.equal(step0[s] != 0, one_shot[s] != 0), s
+        a = learnt.log_alpha[s].detach()
+        kept, cut_out = a[one_shot[s] != 0], a[(one_shot[s] == 0) & ~learnt.protected(s)]
+        # cut units start at the bottom of the range, kept ones where importance put them
+        assert float(cut_out.max()) < LOG_ALPHA_MIN + 0.6 < LOG_ALPHA_MAX - 2.0 - 1e-6 <= float(kept.min()), s
+    # the expected size starts near the target, and there is no Lagrangian ramp unless one is asked for
+    assert learnt.expected_sparsity() == pytest.approx(learnt.final_sparsity(), abs=0.1)
+    assert learnt.target_sparsity("intermediate", 0) == pytest.approx(learnt.target_sparsity("intermediate", 50))
