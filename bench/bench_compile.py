@@ -6,15 +6,18 @@ Three steps, each forward + backward + AdamW under bf16 autocast, with the train
   pruning   the source with L0 masks attached (the demo's target; one mask sample per micro-batch);
   one-shot  the demo's compact shape (24 layers, 6 / 2 heads, FFN 1024; random weights: speed does not depend on
             them) trained on half cross-entropy, half KL to the frozen source (temperature 2).
-Each model's decoder layers are compiled as the trainer compiles them (`compiling.compile_layers`); eager
+Each model's decoder layers and the loss's per-chunk kernels are compiled as the trainer compiles them; eager
 steps run the same modules under `torch.compiler.set_stance("force_eager")`. The first compiled step (which
-compiles) is timed on its own; then eager and compiled steps alternate, so machine noise hits both alike, and
-the medians are compared. MFU is model FLOPs/s over the measured bf16 matmul FLOP/s (bench_train_step.py).
+compiles; inductor's on-disk cache makes it shorter on a second run) is timed on its own; then each round runs
+an eager and a compiled step of every kind back to back, so machine noise hits both alike, and the ratio of each
+such pair is taken: its median and range over the rounds are the figure. MFU is model FLOPs/s over the
+measured bf16 matmul FLOP/s (bench_train_step.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -23,27 +26,30 @@ import torch
 from bench_train_step import flops_per_token, matmul_flops, sync
 from transformers import AutoModelForCausalLM
 
-from drpruning.config import PruningConfig
-from drpruning.loss import token_losses
-from drpruning.models import load_model
+from drpruning.config import PruningConfig, TrainConfig
+from drpruning.loss import compile_loss, token_losses
+from drpruning.models import load_model, load_model_config
 from drpruning.models.shape import derive_config, resolve_target
 from drpruning.pruning import Pruner, attach
 from drpruning.training.compiling import compile_layers
+from drpruning.training.optim import build_optimizers
 
 TARGET = {"num_hidden_layers": 24, "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1024}
 
 
-def make_step(model: torch.nn.Module, params: list, ids: torch.Tensor, device: torch.device,
-              teacher: torch.nn.Module | None = None) -> Callable[[], None]:
-    opt = torch.optim.AdamW(params, lr=1e-5)
+def make_step(model: torch.nn.Module, ids: torch.Tensor, device: torch.device,
+              teacher: torch.nn.Module | None = None, pruner: Pruner | None = None) -> Callable[[], None]:
+    """One training step with the trainer's optimisers (fused AdamW over the weights; the masks' own AdamW)."""
+    optimizers = build_optimizers(model, pruner, TrainConfig(lr=1e-5)).values()
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             nll, kl = token_losses(model, ids, teacher, 2.0)
         loss = nll.mean() if kl is None else 0.5 * nll.mean() + 0.5 * kl.mean()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -51,24 +57,17 @@ def make_step(model: torch.nn.Module, params: list, ids: torch.Tensor, device: t
 def timed(step: Callable[[], None], device: torch.device, eager: bool) -> float:
     sync(device)
     start = time.perf_counter()
-    if eager:
-        with torch.compiler.set_stance("force_eager"):
-            step()
-    else:
+    with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
         step()
     sync(device)
     return time.perf_counter() - start
 
 
-def measure(step: Callable[[], None], pairs: int, device: torch.device) -> tuple[float, float, float]:
-    """(first compiled step's seconds, median eager step, median compiled step)."""
-    first = timed(step, device, eager=False)
-    timed(step, device, eager=True)  # eager warm-up
-    eager, compiled = [], []
-    for _ in range(pairs):
-        eager.append(timed(step, device, eager=True))
-        compiled.append(timed(step, device, eager=False))
-    return first, statistics.median(eager), statistics.median(compiled)
+def load(args: argparse.Namespace) -> torch.nn.Module:
+    """The model, or with --random-weights its architecture alone (speed does not depend on the weights)."""
+    if args.random_weights:
+        return AutoModelForCausalLM.from_config(load_model_config(args.model)[0], dtype=torch.float32)
+    return load_model(args.model)[0]
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -78,12 +77,12 @@ def compare(args: argparse.Namespace) -> None:
 
         keep_freed_memory()
     torch.manual_seed(0)
-    source, _ = load_model(args.model)
+    source = load(args)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq), device=device)
     plain = source.to(device).train()
     compile_layers(plain)
 
-    masked, _ = load_model(args.model)
+    masked = load(args)
     masked.to(device).train()
     pruner = Pruner(masked.config, PruningConfig(enabled=True, structures=["layer", "head", "intermediate"],
                                                  target=TARGET, init="uniform"), 100, device)
@@ -91,7 +90,7 @@ def compare(args: argparse.Namespace) -> None:
     attach(masked, pruner)
     compile_layers(masked)
 
-    teacher, _ = load_model(args.model)
+    teacher = load(args)
     teacher.to(device).eval().requires_grad_(False)
     compile_layers(teacher)
     shape = resolve_target(source.config, PruningConfig(enabled=True, target=TARGET))
@@ -99,28 +98,59 @@ def compare(args: argparse.Namespace) -> None:
     compact.to(device).train()
     compile_layers(compact)
 
+    compile_loss(True)  # as train.compile does; the eager steps' stance runs these kernels uncompiled
     steps = {
-        "plain": (plain, make_step(plain, list(plain.parameters()), ids, device)),
-        "pruning (L0 masks)": (masked, make_step(masked, [*masked.parameters(), *pruner.mask_parameters()], ids,
-                                                 device)),
-        "one-shot + distillation": (compact, make_step(compact, list(compact.parameters()), ids, device, teacher)),
+        "plain": (plain, make_step(plain, ids, device)),
+        "pruning (L0 masks)": (masked, make_step(masked, ids, device, pruner=pruner)),
+        "one-shot + distillation": (compact, make_step(compact, ids, device, teacher)),
     }
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {args.model}, batch {args.batch}x{args.seq}, bf16 autocast, {args.steps} eager / compiled pairs "
-          f"alternating after one compiling step and one eager warm-up; {where}\n")
+    print(f"model {args.model}, batch {args.batch}x{args.seq}, bf16 autocast, fused AdamW; {args.steps} rounds of "
+          f"an eager and a compiled step of each kind (the order alternating), after one compiling step and one "
+          f"eager warm-up of each; {where}\n")
+    first = {name: timed(step, device, eager=False) for name, (_, step) in steps.items()}
+    for _, step in steps.values():
+        timed(step, device, eager=True)
+    times: dict[str, dict[str, list[float]]] = {name: {"eager": [], "compiled": []} for name in steps}
+    for r in range(args.steps):
+        for name, (_, step) in steps.items():
+            for mode in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                times[name][mode].append(timed(step, device, eager=mode == "eager"))
     peak = matmul_flops(torch.bfloat16, device)
-    print("| step | compiling step s | eager step s | compiled step s | compiled / eager speed | compiled MFU |")
+    print("| step | compiling step s | eager step s | compiled step s | eager / compiled, median [min, max] of "
+          "pairs | compiled MFU |")
     print("|---|---|---|---|---|---|")
-    for name, (model, step) in steps.items():
-        first, eager, compiled = measure(step, args.steps, device)
+    for name, (model, _) in steps.items():
+        eager, compiled = (statistics.median(times[name][m]) for m in ("eager", "compiled"))
+        ratios = [e / c for e, c in zip(times[name]["eager"], times[name]["compiled"])]
         n = sum(p.numel() for p in model.parameters())
         mfu = flops_per_token(model.config, args.seq, n) * args.batch * args.seq / compiled / peak
-        note = f"{mfu:.0%}" if name == "plain" else f"{mfu:.0%} (student only)" if "distill" in name else f"{mfu:.0%}"
-        print(f"| {name} | {first:.1f} | {eager:.2f} | {compiled:.2f} | {eager / compiled:.2f}x | {note} |",
-              flush=True)
+        note = " (student only)" if "distill" in name else ""
+        print(f"| {name} | {first[name]:.1f} | {eager:.2f} | {compiled:.2f} | **{statistics.median(ratios):.2f}x** "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {mfu:.0%}{note} |", flush=True)
     from torch._dynamo.utils import counters
 
     breaks = sum(counters["graph_break"].values())
     print(f"\ngraph breaks inside the compiled layers: {breaks}; unique graphs: {counters['stats']['unique_graphs']}"
           f" (one per model and grad mode: every layer shares its model's graph)")
     print(f"bf16 matmul 2048^3: {peak / 1e12:.3f} TFLOP/s")
+
+
+def compare_optimizers(args: argparse.Namespace) -> None:
+    """AdamW's default CPU implementation (a loop over tensors) against fused, on the model's parameters with
+    random gradients, alternating, median seconds per step."""
+    model = load(args)
+    params = list(model.parameters())
+    for q in params:
+        q.grad = torch.randn_like(q) * 1e-3
+    optimizers = {"default": torch.optim.AdamW(params, lr=1e-4), "fused": torch.optim.AdamW(params, lr=1e-4,
+                                                                                          fused=True)}
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for r in range(args.steps + 1):
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            if r:  # the first step allocates the state
+                times[name].append(time.perf_counter() - start)
+    print(f"AdamW step over {args.model}'s {sum(q.numel() for q in params) / 1e6:.1f}M parameters, median of "
+          f"{args.steps}: " + ", ".join(f"{n} {statistics.median(t):.3f} s" for n, t in times.items()))

@@ -46,8 +46,11 @@ def main() -> None:
             cmd = [sys.executable, "-m", "drpruning", "train", config, f"run_dir={run_dir}",
                    f"train.steps={args.steps}", f"train.eval_every={args.steps}",
                    f"train.checkpoint_every={args.steps}", "train.keep_checkpoints=1", "force=true",
+                   f"pruning.lagrangian_warmup_steps={args.steps // 2}",  # (used by L0 configs only)
                    f"train.compile={setting}", *args.overrides]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
             per_step[setting].append(step_seconds(run_dir / "metrics.jsonl", args.steps))
             print(f"run {i + 1}: train.compile={setting}: {per_step[setting][-1]:.2f} s/step", flush=True)
     eager, compiled = (statistics.median(per_step[s]) for s in ("false", "true"))

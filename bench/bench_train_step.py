@@ -9,7 +9,8 @@ Model FLOPs per step = (6 * N + 6 * L * S * d_attn) * T, where
 MFU = model FLOPs/s / measured dense matmul FLOP/s of the same dtype on this machine (not the vendor peak).
 
     .venv/bin/python bench/bench_train_step.py [--model smollm2-135m] [--steps 3] [--batch 4] [--seq 256]
-    .venv/bin/python bench/bench_train_step.py --compile [--steps 5]   # eager vs compiled: bench_compile.py
+    .venv/bin/python bench/bench_train_step.py --compile [--steps 8]   # eager vs compiled: bench_compile.py
+    .venv/bin/python bench/bench_train_step.py --optimizer [--steps 5] # AdamW's default loop vs fused
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def time_steps(model, dtype: torch.dtype, batch: int, seq: int, steps: int, devi
     """Seconds per step, averaged over `steps` after one warm-up step."""
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as the trainer
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     times = []
@@ -85,7 +86,12 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="eager against compiled decoder layers, steps alternating in one process, for a plain "
                          "step, a pruning step (masked model) and a one-shot step with distillation (bf16)")
+    ap.add_argument("--optimizer", action="store_true", help="AdamW's default CPU loop against fused")
     args = ap.parse_args()
+    if args.optimizer:
+        from bench_compile import compare_optimizers
+
+        return compare_optimizers(args)
     if args.compile:
         from bench_compile import compare
 
