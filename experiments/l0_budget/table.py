@@ -1,0 +1,133 @@
+"""Tables and plots of the equal-token L0 study, from its committed results (experiments/runner.py keeps them).
+
+    .venv/bin/python experiments/l0_budget/table.py     # README.md (between markers) and images/
+
+Per arm, mean [min, max] over seeds, on the whole held-out split (32 sequences a domain): mean, worst and spread
+(worst - best domain) of the held-out loss after the mask phase (L0 arms) and at the end; the export gap (the
+mask phase's exact-mask evaluation minus its last expected-mask one, in-run sequences); the largest rise of an
+in-run evaluation over the previous one after the Lagrangian ramp; training seconds and FLOPs (6 N a trained
+token, N the trained model: the masked source while masks are learnt, else the compact model; 2 N a teacher
+token).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tables import all_results, load_study, md_table, pm, summary, write_between_markers  # noqa: E402
+
+TOTALS = (250, 1000)
+SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_60": 0.6}
+
+
+def evals(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["kind"] == "eval"]
+
+
+def export_gap(unit: dict) -> float | None:
+    """Exact-mask mean loss at the mask phase's end minus its previous (expected-mask) evaluation."""
+    if "mask" not in unit:
+        return None
+    e = evals(unit["mask"]["records"])
+    return e[-1]["mean_loss"] - e[-2]["mean_loss"] if len(e) >= 2 else None
+
+
+def largest_rise(unit: dict) -> float | None:
+    """The largest rise of the in-run mean loss over the previous evaluation, after the mask phase's ramp
+    (warmup = half the phase) and through the training stage."""
+    if "mask" not in unit:
+        return None
+    mask = evals(unit["mask"]["records"])
+    ramp = max(r["step"] for r in mask) // 2
+    seq = [r["mean_loss"] for r in mask if r["step"] >= ramp]
+    seq += [r["mean_loss"] for r in evals(unit["train"]["records"])]
+    return max(b - a for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
+
+
+def train_seconds(unit: dict) -> float:
+    return sum(max(r["elapsed_s"] for r in s["records"] if r["kind"] == "train") for s in unit.values())
+
+
+def flops(unit: dict) -> float:
+    total = 0.0
+    for stage in unit.values():
+        train = [r for r in stage["records"] if r["kind"] == "train"]
+        tokens = max(r["tokens"] for r in train)
+        masked = any("expected_params" in r for r in train)
+        h = stage["heldout_meta"]
+        trained = h["input_params"] if masked else h["params"]
+        teacher = h["teacher_params"] if any(r.get("domain_kl") for r in train) else 0
+        total += tokens * (6 * trained + 2 * teacher)
+    return total
+
+
+def row(arm: str, units: dict[int, dict], share: str) -> list[str]:
+    values = list(units.values())
+    after = [summary(u["mask"]["heldout"]) if "mask" in u else None for u in values]
+    end = [summary(u[list(u)[-1]]["heldout"]) for u in values]
+    return [arm, share, str(len(values)),
+            pm([a["mean"] if a else None for a in after]), pm([a["worst"] if a else None for a in after]),
+            pm([e["mean"] for e in end]), pm([e["worst"] for e in end]), pm([e["spread"] for e in end]),
+            pm([export_gap(u) for u in values]), pm([largest_rise(u) for u in values]),
+            pm([train_seconds(u) for u in values], 0), pm([flops(u) / 1e15 for u in values], 2)]
+
+
+HEADER = ["arm", "L0 share", "seeds", "after mask: mean", "after mask: worst", "end: mean", "end: worst",
+          "end: spread", "export gap", "largest rise", "training s", "PFLOPs"]
+
+
+def plot(spec: dict, results: dict, total: int, out: Path) -> Path | None:
+    """Worst-domain in-run loss against tokens, one line per arm of `total` (its first finished seed)."""
+    from matplotlib.figure import Figure
+
+    arms = [a for a in spec["arms"] if a.startswith(f"t{total}_") and a in results]
+    if not arms:
+        return None
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for arm in arms:
+        unit = results[arm][min(results[arm])]
+        xs, ys, offset = [], [], 0
+        for stage in unit.values():
+            for r in evals(stage["records"]):
+                xs.append(offset + r["tokens"])
+                ys.append(r["worst_loss"])
+            offset += max(r["tokens"] for r in stage["records"] if r["kind"] == "train")
+        ax.plot(xs, ys, label=arm, linewidth=1)
+    ax.set(xlabel="training tokens (mask phase + compact model)", ylabel="worst-domain held-out loss (in-run)",
+           title=f"T = {total} steps, seed {min(results[arms[0]])}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(exist_ok=True)
+    path = out / f"worst-vs-tokens-t{total}.png"
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    return path
+
+
+def main() -> None:
+    spec = load_study(HERE)
+    results = all_results(spec)
+    text = []
+    for total in TOTALS:
+        rows = [row(f"t{total}_{k}", results[f"t{total}_{k}"], f"{v:.0%}") for k, v in SHARES.items()
+                if f"t{total}_{k}" in results]
+        text.append(f"### T = {total} steps x 2,048 tokens\n\n" + md_table(HEADER, rows))
+        path = plot(spec, results, total, HERE / "images")
+        if path:
+            text.append(f"![worst-domain loss against tokens, T = {total}](images/{path.name})")
+    variants = [a for a in spec["arms"] if a.startswith("t250_l0_35_") and a in results]
+    if variants:
+        rows = [row(a, results[a], "35%") for a in ["t250_l0_35", *variants] if a in results]
+        text.append("### L0 variants, T = 250, 35% mask phase\n\n" + md_table(HEADER, rows))
+    status = [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
+              for seed in spec["seeds"] for arm in spec["arms"]]
+    write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
+    print((HERE / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

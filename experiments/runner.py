@@ -1,0 +1,235 @@
+"""The shared study runner: a study is a folder with `study.yaml` (its stage configs, arms and seeds) and a
+`table.py` (its tables, from committed results); this runs the arms, resumably, and keeps what they leave.
+
+    .venv/bin/python experiments/runner.py run STUDY [--arms A B] [--seeds 0 1]   # resumable; skips finished
+    .venv/bin/python experiments/runner.py status STUDY                            # what is finished
+    .venv/bin/python experiments/table.py STUDY                                   # the study's tables
+
+Run it in the background, one process per core (each takes whatever unit no live process owns):
+
+    nohup nice -n 10 .venv/bin/python experiments/runner.py run experiments/STUDY > runs/STUDY.log 2>&1 &
+
+study.yaml:
+    base: base.yaml                      # run config every stage starts from (beside study.yaml)
+    source: smollm2-135m                 # the model the first stage reads (and the default teacher)
+    seeds: [0, 1]
+    arms:
+      NAME:                              # stages run in order, each from the previous stage's model
+        - {stage: mask, overrides: [pruning.method=l0, train.steps=150]}
+        - {stage: train, overrides: [pruning.enabled=false, train.steps=850]}
+
+A unit (arm, seed) works in runs/STUDY/ARM/seed-K/STAGE/ (checkpoints, models: not committed). A stage whose
+model exists is skipped, one with checkpoints resumes (resume=true, exact). Each stage's model is evaluated on
+the whole held-out split (STAGE/heldout.json; the same documents for every arm: the split depends on the data
+keys only). When the last stage is done, each stage's metrics.jsonl (gzipped) and held-out losses are copied
+into STUDY/results/ARM/seed-K/, which is committed: tables regenerate from it on any checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"  # working folders (checkpoints, models), never committed
+log = logging.getLogger("runner")
+
+
+def load_study(study: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(study / "study.yaml"), resolve=True)
+    for key in ("base", "source", "seeds", "arms"):
+        if key not in spec:
+            raise SystemExit(f"{study / 'study.yaml'}: key {key!r} is missing (see experiments/runner.py)")
+    spec["dir"], spec["name"] = study, study.name
+    return spec
+
+
+def work_dir(spec: dict, arm: str, seed: int) -> Path:
+    return RUNS / spec["name"] / arm / f"seed-{seed}"
+
+
+def results_dir(spec: dict, arm: str, seed: int) -> Path:
+    return spec["dir"] / "results" / arm / f"seed-{seed}"
+
+
+def set_threads() -> None:
+    """One thread per process (several processes share the cores); RUNNER_THREADS overrides it."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RUNNER_THREADS", "1")))
+
+
+def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list[str]) -> Path:
+    """One `train` run of the base config; skipped when RUN_DIR/model exists, resumed from its checkpoints."""
+    from drpruning.config import load_config
+    from drpruning.training.trainer import train
+
+    model_dir = run_dir / "model"
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    cfg = load_config(str(spec["dir"] / spec["base"]),
+                      [f"run_dir={run_dir}", f"resume={str(resume).lower()}", f"model.source={source}",
+                       f"train.seed={seed}", f"train.distill.teacher={spec['source']}", *overrides])
+    log.info("%s: %s", run_dir, "resuming" if resume else "starting")
+    out = train(cfg)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the model is exported; checkpoints are large
+    return out
+
+
+def heldout(spec: dict, model_dir: Path, out: Path) -> None:
+    """Per-domain loss and standard error of a model on every held-out sequence of the base config's split."""
+    if out.is_file():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning.config import load_config
+    from drpruning.data.corpus import load_corpus
+    from drpruning.evaluation.perplexity import domain_losses
+    from drpruning.loss import autocast_dtype
+
+    data = load_config(str(spec["dir"] / spec["base"]), [f"run_dir={out.parent}"]).data
+    start = time.perf_counter()
+    corpus = load_corpus(data, AutoTokenizer.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    amp = autocast_dtype("auto", torch.device("cpu"))
+    result = {"model": str(model_dir), "domains": domain_losses(model, corpus.eval_dict(), 16, amp),
+              "wall_s": time.perf_counter() - start}
+    write_json(out, result)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def acquire(base: Path) -> bool:
+    """Own one unit, so that several processes can share the work list (a dead owner's unit is taken over)."""
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / "owner.pid"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text().strip() or 0)
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                return False
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            pass
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    return True
+
+
+def keep(spec: dict, arm: str, seed: int) -> None:
+    """Copy a finished unit's metrics (gzipped) and held-out losses into its results folder, all or nothing."""
+    base, dest = work_dir(spec, arm, seed), results_dir(spec, arm, seed)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for stage in (s["stage"] for s in spec["arms"][arm]):
+        with open(base / stage / "metrics.jsonl", "rb") as src, open(tmp / f"{stage}.metrics.jsonl.gz", "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:  # no time stamp: the same bytes every time
+            shutil.copyfileobj(src, out)
+        shutil.copy2(base / stage / "heldout.json", tmp / f"{stage}.heldout.json")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    log.info("%s %s seed %d: results kept in %s", spec["name"], arm, seed, dest)
+
+
+def parameters(source: str) -> int:
+    """Parameters of a model folder (or known model name), from its safetensors headers: nothing is loaded."""
+    from safetensors import safe_open
+
+    from drpruning.models.loading import resolve_model_source
+
+    folder = Path(resolve_model_source(source)[0])
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def run_unit(spec: dict, arm: str, seed: int) -> None:
+    base = work_dir(spec, arm, seed)
+    model = spec["source"]
+    for stage in spec["arms"][arm]:
+        run_dir = base / stage["stage"]
+        given = model
+        model = str(run_stage(spec, run_dir, model, seed, list(stage.get("overrides", []))))
+        out = run_dir / "heldout.json"
+        heldout(spec, Path(model), out)
+        # for the table's FLOPs: the stage's input and output models and the teacher (the source)
+        counts = {"input_params": parameters(given), "params": parameters(model),
+                  "teacher_params": parameters(spec["source"])}
+        write_json(out, {**json.loads(out.read_text()), **counts})
+    keep(spec, arm, seed)
+
+
+def units(spec: dict, arms: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:
+    """Seed by seed, so that a partial study still covers every arm."""
+    chosen = arms or list(spec["arms"])
+    unknown = set(chosen) - set(spec["arms"])
+    if unknown:
+        raise SystemExit(f"unknown arms {sorted(unknown)}; the study has {', '.join(spec['arms'])}")
+    return [(a, s) for s in (seeds or spec["seeds"]) for a in chosen]
+
+
+def finished(spec: dict, arm: str, seed: int) -> bool:
+    return results_dir(spec, arm, seed).is_dir()  # keep() renames it into place complete
+
+
+def run(spec: dict, arms: list[str] | None, seeds: list[int] | None) -> None:
+    set_threads()
+    for arm, seed in units(spec, arms, seeds):
+        if finished(spec, arm, seed) or not acquire(work_dir(spec, arm, seed)):
+            continue
+        run_unit(spec, arm, seed)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def status(spec: dict) -> None:
+    for arm, seed in units(spec, None, None):
+        base = work_dir(spec, arm, seed)
+        state = "finished" if finished(spec, arm, seed) else "running or stopped" if base.is_dir() else "not started"
+        print(f"{arm:32s} seed {seed}: {state}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["run", "status"])
+    ap.add_argument("study", type=Path)
+    ap.add_argument("--arms", nargs="+")
+    ap.add_argument("--seeds", nargs="+", type=int)
+    args = ap.parse_args()
+    spec = load_study(args.study.resolve())
+    os.chdir(ROOT)  # data paths in the study configs are relative to the repository root
+    if args.command == "run":
+        run(spec, args.arms, args.seeds)
+    else:
+        status(spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The shared study runner (experiments/runner.py) and its table helpers, on a tiny model and tiny domains."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from run_helpers import make_domains
+from tiny_models import save_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import runner  # noqa: E402
+import tables  # noqa: E402
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    model = save_tiny(tmp_path / "model", "llama")
+    domains = make_domains(tmp_path / "data")
+    folder = tmp_path / "tiny_study"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(json.dumps({
+        "data": {"domains": domains, "seq_len": 32, "eval_sequences": 3, "cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "dtype": "float32", "eval_every": 2,
+                  "checkpoint_every": 2, "lr": 1e-3, "eval_batch_size": 2, "distill": {"weight": 0.5}},
+        "mixing": {"method": "drpruning"},
+        "pruning": {"enabled": True, "method": "importance", "target": {"num_hidden_layers": 2}}}))
+    (folder / "study.yaml").write_text(json.dumps({
+        "base": "base.yaml", "source": str(model), "seeds": [0],
+        "arms": {"oneshot": [{"stage": "train", "overrides": ["train.steps=4"]}],
+                 "l0": [{"stage": "mask", "overrides": ["pruning.method=l0", "train.steps=4",
+                                                         "pruning.lagrangian_warmup_steps=2"]},
+                        {"stage": "train", "overrides": ["pruning.enabled=false", "train.steps=2"]}]}}))
+    monkeypatch.setattr(runner, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(runner, "set_threads", lambda: None)  # the test process keeps its threads
+    return runner.load_study(folder)
+
+
+def test_a_study_runs_keeps_its_results_and_skips_what_is_finished(study, monkeypatch):
+    runner.run(study, None, None)
+    results = tables.all_results(study)
+    assert set(results) == {"oneshot", "l0"}
+    l0 = results["l0"][0]
+    assert list(l0) == ["mask", "train"]
+    # the mask stage trained the whole source under masks; the train stage the compact model it exported
+    assert l0["mask"]["heldout_meta"]["input_params"] > l0["mask"]["heldout_meta"]["params"]
+    assert l0["train"]["heldout_meta"]["input_params"] == l0["train"]["heldout_meta"]["params"]
+    assert [r["step"] for r in l0["train"]["records"] if r["kind"] == "train"] == [1, 2]
+    held = l0["train"]["heldout"]
+    assert set(held) == {"alpha", "beta", "gamma"}
+    s = tables.summary(held)
+    losses = [d["loss"] for d in held.values()]
+    assert s == {"mean": sum(losses) / 3, "worst": max(losses), "spread": max(losses) - min(losses)}
+
+    def fail(*args):
+        raise AssertionError("a finished unit ran again")
+
+    monkeypatch.setattr(runner, "run_unit", fail)
+    runner.run(study, None, None)
+
+
+def test_mean_and_range_over_seeds():
+    assert tables.pm([1.0, 2.0, 4.0]) == "2.333 [1.000, 4.000]"
+    assert tables.pm([None, 1.5]) == "1.500"
+    assert tables.pm([]) == "-"
