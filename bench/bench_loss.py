@@ -4,6 +4,8 @@ was computed before issue 11's fused path), forward + backward, side by side in 
 
     .venv/bin/python bench/bench_loss.py [--batch 4] [--seq 256] [--vocab 49152] [--rounds 5] [--dtype bf16]
 
+A third path is the fused loss with train.compile's compiled per-chunk kernels (`loss.compile_loss`).
+
 Logits shaped like the demo's (4 x 256 tokens, SmolLM2's 49152-word vocabulary), random; the two paths
 alternate within each round; the figure is each path's median seconds and their ratio. Both paths' losses
 and gradients are compared first (they must agree: tests/unit/test_loss.py checks it to tolerance).
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from rss import MB, peak_rss_bytes, reset_peak_rss, rss_bytes
 
-from drpruning.loss import nll_and_kl, nll_from_logits
+from drpruning.loss import compile_loss, nll_and_kl, nll_from_logits
 
 
 def separate(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, t: float):
@@ -55,7 +57,14 @@ def main() -> None:
     shape = (args.batch, args.seq, args.vocab)  # next-token logits; targets are the last seq - 1 tokens
     logits, teacher = (torch.randn(shape) * 3).to(dtype), (torch.randn(shape) * 3).to(dtype)
     targets = torch.randint(args.vocab, (args.batch, args.seq - 1))
-    paths = {"separate": separate, "fused": nll_and_kl}
+    def compiled(*a):  # train.compile's kernels (compiled on their first use, in the warm-up round)
+        compile_loss(True)
+        try:
+            return nll_and_kl(*a)
+        finally:
+            compile_loss(False)
+
+    paths = {"separate": separate, "fused": nll_and_kl, "fused, compiled": compiled}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     results = {}
     for _ in range(args.rounds + 1):  # the first round warms up and is not counted
@@ -63,8 +72,9 @@ def main() -> None:
             s, nll, kl, grad = timed(path, logits, targets, teacher, args.temperature)
             seconds[name].append(s)
             results[name] = (nll, kl, grad)
-    for a, b in zip(results["separate"], results["fused"]):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
+    for other in ("fused", "fused, compiled"):
+        for a, b in zip(results["separate"], results[other]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
     med = {name: statistics.median(v[1:]) for name, v in seconds.items()}
     del results
     peak = {}

@@ -211,13 +211,21 @@ def without(records: list[dict], key: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != key} for r in records]
 
 
-def test_fsdp_bf16_mixed_precision_matches_one_process_autocast(tmp_path, model_dir):
+@pytest.mark.parametrize("compiled", [
+    False,
+    # known gap: with compiled layers the masks' log-alphas drift 4% (of their norm) from the one-process run in
+    # 4 steps, against 0.8% eager, although every record matches; one process compiled is within 0.05%. Until it
+    # is understood, train.compile=auto leaves multi-process runs eager (drpruning.training.compiling)
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason="compiled FSDP masks drift; see comment")),
+], ids=["eager", "compiled"])
+def test_fsdp_bf16_mixed_precision_matches_one_process_autocast(tmp_path, model_dir, compiled):
     bf16 = {**PRUNE, "train.dtype": "bfloat16"}
     run_one(overrides(tmp_path / "one", model_dir, **bf16, **{"train.micro_batch_size": 4}))
     ref = tmp_path / "one" / "run"
     expected = read_metrics(ref / "metrics.jsonl")
 
-    two = overrides(tmp_path / "two", model_dir, **bf16, parallel="fsdp")
+    # compiled: each rank's decoder layers compiled before FSDP shards them (the teacher-free run's only model)
+    two = overrides(tmp_path / "two", model_dir, **bf16, parallel="fsdp", **{"train.compile": str(compiled).lower()})
     proc = torchrun(["WRAPPER", "prune", *two], tmp_path, FORWARD_DTYPE="None")  # no autocast under the policy
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "two" / "run"
