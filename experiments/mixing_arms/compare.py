@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the shared study runner and table helpers
+from runner import acquire  # noqa: E402
+from tables import md_table, pm  # noqa: E402
+
 ROOT = HERE.parents[1]
 CONFIGS = HERE / "configs"
 SHARED = ROOT.parent / "shared"
@@ -253,26 +257,6 @@ def run(args) -> None:
     log.info("done: every (setting, arm, seed) of this process is finished or owned by another process")
 
 
-def acquire(base: Path) -> bool:
-    """Own one (setting, arm, seed) triple, so that several processes can share the work list."""
-    mkdir(base)
-    path = base / "owner.pid"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(path.read_text().strip() or 0)
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                return False  # a live process owns it
-        except (ValueError, ProcessLookupError, FileNotFoundError):
-            pass  # its owner died: take it over
-        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
-    return True
-
-
 def keep(base: Path, dest: Path) -> None:
     """Copy a finished unit's KEEP files from its working folder into `dest`, all or nothing (a temporary
     folder renamed into place), for `git add experiments/mixing_arms/results`."""
@@ -363,23 +347,6 @@ def ud_mean(ev: dict) -> float:
 def ud_worst(ev: dict) -> float:
     """An eval.json's highest UD-PUD bits per character over the languages."""
     return max(ev["perplexity"]["domains"][x]["bpc"] for x in UD_PUD)
-
-
-def pm(values: list[float], digits: int = 3) -> str:
-    """mean [min, max] over seeds."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ writing
