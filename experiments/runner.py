@@ -87,8 +87,9 @@ def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list
     return out
 
 
-def heldout(spec: dict, model_dir: Path, out: Path) -> None:
-    """Per-domain loss and standard error of a model on every held-out sequence of the base config's split."""
+def heldout(spec: dict, model_dir: Path, out: Path, extra: dict) -> None:
+    """Per-domain loss and standard error of a model on every held-out sequence of the base config's split,
+    with `extra` (the table's parameter counts) in the same file."""
     if out.is_file():
         return
     import torch
@@ -105,7 +106,7 @@ def heldout(spec: dict, model_dir: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     amp = autocast_dtype("auto", torch.device("cpu"))
     result = {"model": str(model_dir), "domains": domain_losses(model, corpus.eval_dict(), 16, amp),
-              "wall_s": time.perf_counter() - start}
+              "wall_s": time.perf_counter() - start, **extra}
     write_json(out, result)
 
 
@@ -167,17 +168,13 @@ def parameters(source: str) -> int:
 
 def run_unit(spec: dict, arm: str, seed: int) -> None:
     base = work_dir(spec, arm, seed)
-    model = spec["source"]
+    model, teacher = spec["source"], parameters(spec["source"])
     for stage in spec["arms"][arm]:
-        run_dir = base / stage["stage"]
-        given = model
+        run_dir, given = base / stage["stage"], model
         model = str(run_stage(spec, run_dir, model, seed, list(stage.get("overrides", []))))
-        out = run_dir / "heldout.json"
-        heldout(spec, Path(model), out)
         # for the table's FLOPs: the stage's input and output models and the teacher (the source)
-        counts = {"input_params": parameters(given), "params": parameters(model),
-                  "teacher_params": parameters(spec["source"])}
-        write_json(out, {**json.loads(out.read_text()), **counts})
+        counts = {"input_params": parameters(given), "params": parameters(model), "teacher_params": teacher}
+        heldout(spec, Path(model), run_dir / "heldout.json", counts)
     keep(spec, arm, seed)
 
 
