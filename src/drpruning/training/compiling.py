@@ -1,15 +1,15 @@
 """`train.compile`: `torch.compile` each decoder layer, as torchtitan does, and when `auto` turns it on.
 
 Per layer, not the whole model: every decoder layer runs the same code, so dynamo traces one graph that
-serves all of them and compile time is one layer's, not that of the unrolled stack. Measured on SmolLM2-135M
-(2-core CPU, bf16 autocast, 4 x 256 tokens): the whole model took 104 s to compile and stepped no faster than
-eager; per layer, 35 s and 1.3x. The embedding, final norm and LM head stay eager; the loss's per-chunk
+serves all of them and compile time is one layer's, not that of the unrolled stack (a one-off trial on
+SmolLM2-135M, 2-core CPU: 104 s before the first step for the whole model, 35 s per layer; the speed-ups are
+measured in docs/benchmarks.md). The embedding, final norm and LM head stay eager; the loss's per-chunk
 math over [rows, vocab] (`drpruning.loss.compile_loss`) is compiled too.
 
 A masked model compiles the same way: the decoder's pre-hook (outside the compiled layers) samples the
 hard-concrete masks and hands each o_proj / down_proj its masks as a module attribute, so no per-layer
 constant reaches the graph and the one graph serves every layer (`pruning.masked_model`); `MaskedLinear`'s
-custom backward is traced as it is. No graph breaks (`torch._dynamo.explain`, bench/bench_train_step.py).
+custom backward is traced as it is. No graph breaks (dynamo's counter, bench/bench_train_step.py --compile).
 """
 
 from __future__ import annotations
