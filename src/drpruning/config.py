@@ -139,6 +139,10 @@ class PruningConfig:
     # one mask sample per `micro_batch` (folded into the weights), or one per `sequence` of it (applied to the
     # activations: a step averages more samples, at ~10% more activation memory than the planner counts)
     mask_samples: str = "micro_batch"
+    # sampled: hard-concrete gates, a fresh random sample every forward (the paper's); deterministic: no noise,
+    # the gate's value at a temperature that falls with sqrt(progress) to a fifth by the hardening (DDP's
+    # sharpening, docs/method.md §2.10), so the forward approaches the exact masks it exports
+    gates: str = "sampled"
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
@@ -312,6 +316,11 @@ def validate(cfg: RunConfig) -> None:
         if p.mask_samples not in ("sequence", "micro_batch"):
             raise ConfigError(f"config key 'pruning.mask_samples' is {p.mask_samples!r}: use sequence or "
                               "micro_batch")
+        if p.gates not in ("sampled", "deterministic"):
+            raise ConfigError(f"config key 'pruning.gates' is {p.gates!r}: use sampled or deterministic")
+        if p.gates == "deterministic" and p.mask_samples == "sequence":
+            raise ConfigError("pruning.mask_samples=sequence draws a mask per sequence, but deterministic gates "
+                              "draw none: set pruning.mask_samples=micro_batch (or pruning.gates=sampled)")
         if not 0 <= p.hardening_steps < t.steps:
             raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
                               f"train.steps ({t.steps})")

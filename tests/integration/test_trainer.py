@@ -132,6 +132,10 @@ NEW_OPTIONS = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pr
                "train.activation_checkpointing=true", "log.tensorboard=true", "pruning.mask_samples=sequence"]
 
 
+DETERMINISTIC = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.gates=deterministic",
+                 "pruning.init=one_shot", "pruning.hardening_steps=2", "train.distill.weight=0.5"]
+
+
 ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
             "train.distill.weight=0.5"]
 
@@ -139,7 +143,8 @@ ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target
 @pytest.mark.parametrize("method,extra", [
     ("constant", []), ("drpruning", []), ("drpruning", NEW_OPTIONS),
     pytest.param("constant", ONE_SHOT, marks=pytest.mark.slow),  # in the slow tier: the default suite's 3 minutes
-], ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill"])
+    pytest.param("constant", DETERMINISTIC, marks=pytest.mark.slow),
+], ids=["constant", "drpruning", "drpruning-prune-importance-distill", "one-shot-distill", "deterministic-gates"])
 def test_resume_after_sigkill_is_exact(tmp_path, model_dir, monkeypatch, method, extra):
     # a loss-spike threshold below any rise: every step after the first 5 writes a `warning` record holding the
     # guard's running loss average, so a guard that restarted on resume would change records

@@ -10,6 +10,8 @@ import torch
 LIMIT_L, LIMIT_R, TEMPERATURE, EPS = -0.1, 1.1, 2.0 / 3.0, 1e-6
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100.0)
 SOFT_SCALE = 0.8  # deterministic value sigmoid(0.8 log_alpha / T), as in the authors' code
+GATE_FLOOR = 1e-6  # the smallest value a deterministic gate that the exact masks keep takes: a kept unit stays kept
+SHARPEN_END = 0.2  # deterministic gates end at a fifth of TEMPERATURE (DDP: its scale 2.4 / mu, mu 0.5 -> 0.1)
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -23,6 +25,20 @@ def sample_hard_concrete(log_alpha: torch.Tensor, generator: torch.Generator | N
     u = u * (1 - 2 * EPS) + EPS
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
+
+
+def sharpened_temperature(progress: float) -> float:
+    """The deterministic gates' temperature: TEMPERATURE at progress 0, falling with sqrt(progress) to
+    SHARPEN_END x TEMPERATURE at 1 (DDP's schedule: most of the sharpening early)."""
+    p = min(max(float(progress), 0.0), 1.0)
+    return TEMPERATURE * (1.0 - (1.0 - SHARPEN_END) * math.sqrt(p))
+
+
+def deterministic_gate(log_alpha: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """The noise-free stretched gate clamp(sigmoid(log_alpha / t) (r - l) + l, 0, 1). The clamp passes the
+    gradient straight through (as DDP's), else a gate at 0 or 1 could never move again."""
+    s = torch.sigmoid(log_alpha / temperature) * (LIMIT_R - LIMIT_L) + LIMIT_L
+    return s + (s.clamp(0.0, 1.0) - s).detach()
 
 
 def soft_values(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,16 @@ from torch import nn
 from drpruning.config import ConfigError, PruningConfig, warmup_steps
 from drpruning.models.families import family_of
 from drpruning.models.shape import Shape, resolve_target, source_shape
+from drpruning.pruning.expected_size import expected_params, prunable_params
 from drpruning.pruning.hard_concrete import (
+    GATE_FLOOR,
     LOG_ALPHA_MAX,
     LOG_ALPHA_MIN,
+    TEMPERATURE,
+    deterministic_gate,
     prob_nonzero,
     sample_hard_concrete,
+    sharpened_temperature,
     soft_values,
     topk_mask,
 )
@@ -64,6 +69,8 @@ class Pruner(nn.Module):
         self.one_shot = cfg.method == "importance"  # exact masks from the calibration scores, never learnt
         self.hardening = self.one_shot
         self.per_sequence = cfg.mask_samples == "sequence"
+        self.deterministic = cfg.gates == "deterministic"
+        self.mask_steps = max(1, total_steps - cfg.hardening_steps)  # the sharpening ends where hardening starts
         self._gaps: dict[str, float] = {}  # the last penalty's mean sparsity gap per structure
         self._seed = 0
         self._generator: torch.Generator | None = None
@@ -102,6 +109,8 @@ class Pruner(nn.Module):
                     raise ConfigError(f"pruning.protect.{s} names unit {i}, but the model has {shapes[s][-1]}")
                 protected[..., i] = True
             self.register_buffer(f"protected_{s}", protected.to(device))
+        if self.deterministic:  # saved with the masks: export folds the gate values at the last temperature
+            self.register_buffer("gate_temperature", torch.tensor(TEMPERATURE, device=device))
 
     @torch.no_grad()
     def broadcast_(self) -> None:
@@ -232,6 +241,13 @@ class Pruner(nn.Module):
             return self.eval(exact=True)
         return super().train(mode)
 
+    def begin_step(self, step: int) -> None:
+        """Before step `step`'s forwards: harden from the last `pruning.hardening_steps`; sharpen
+        deterministic gates to the step's temperature."""
+        self.harden(step >= self.mask_steps)
+        if self.deterministic:
+            self.gate_temperature.fill_(sharpened_temperature(step / self.mask_steps))
+
     def harden(self, on: bool) -> None:
         """The hardening phase: the weights train under the exact masks; no penalty, the masks stay put. A
         one-shot pruner is always in it."""
@@ -266,15 +282,21 @@ class Pruner(nn.Module):
 
     # ---- masks -----------------------------------------------------------------------------------
     def probabilities(self) -> dict[str, torch.Tensor]:
-        """P(z > 0) per unit; 1 for a protected unit; 1 or 0 for the fixed masks of a one-shot pruner."""
+        """P(z > 0) per unit (deterministic gates: the gate's value); 1 for a protected unit; 1 or 0 for the
+        fixed masks of a one-shot pruner."""
         if self.one_shot:
             return {s: (m != 0).float() for s, m in self.deterministic_masks(exact=True).items()}
-        return {s: torch.where(self.protected(s), 1.0, prob_nonzero(a)) for s, a in self.log_alpha.items()}
+        return {s: torch.where(self.protected(s), 1.0, self._keep(a)) for s, a in self.log_alpha.items()}
+
+    def _keep(self, a: torch.Tensor) -> torch.Tensor:
+        return deterministic_gate(a, self.gate_temperature) if self.deterministic else prob_nonzero(a)
 
     def sample(self, batch: int | None = None) -> dict[str, torch.Tensor]:
         """A fresh training sample of every structure's mask (protected units at 1); with `batch`, one
         independent sample per sequence, stacked on a new leading dimension."""
         lead = () if batch is None else (batch,)
+        if self.deterministic:  # no noise: the gate itself
+            return {s: torch.where(self.protected(s), 1.0, self._keep(a)) for s, a in self.log_alpha.items()}
         return {s: torch.where(self.protected(s), 1.0,
                                sample_hard_concrete(a.expand(*lead, *a.shape), self._gen(a.device)))
                 for s, a in self.log_alpha.items()}
@@ -290,7 +312,7 @@ class Pruner(nn.Module):
             if exact:
                 out[s] = torch.full(a.shape[:-1], size - kept, dtype=torch.long, device=a.device)
                 continue
-            expected = (1 - probs[s]).sum(-1) - size * SATURATED_FLOOR
+            expected = (1 - probs[s]).sum(-1) - (0 if self.deterministic else size * SATURATED_FLOOR)
             out[s] = torch.round(expected).long().clamp(0, size - kept)
         return out
 
@@ -308,7 +330,10 @@ class Pruner(nn.Module):
 
     def _soft_and_key(self, s: str) -> tuple[torch.Tensor, torch.Tensor]:
         protected = self.protected(s)
-        soft = torch.where(protected, 1.0, soft_values(self.log_alpha[s]))
+        a = self.log_alpha[s]
+        # deterministic gates hit 0 and 1 exactly: the tie key orders equal ones; a kept 0 becomes GATE_FLOOR
+        gate = self._keep(a).clamp(min=GATE_FLOOR) if self.deterministic else soft_values(a)
+        soft = torch.where(protected, 1.0, gate)
         return soft, torch.where(protected, torch.inf, self.tie_key(s))
 
     @torch.no_grad()
@@ -334,36 +359,10 @@ class Pruner(nn.Module):
     def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """E[#parameters of attention + MLP weights], factorised (docs/method.md §2.4); differentiable."""
         p = self.probabilities() if probs is None else probs
-        src = self.source
-        dev = next(iter(self.log_alpha.values())).device
-        L, hd, g = src.num_hidden_layers, src.head_dim, src.group_size
-        hidden = p["hidden"].sum() if "hidden" in p else torch.tensor(float(src.hidden_size), device=dev)
-        layer = p["layer"] if "layer" in p else torch.ones(L, device=dev)
-        if self.head_mode == "kv_group":
-            groups = p["head"].sum(-1) if "head" in p else torch.full((L,), float(src.num_key_value_heads), device=dev)
-            attn = 2 * hd * (g + 1) * groups  # q and o: G heads per group; k and v: one head
-        else:
-            heads = (
-                p["head"].sum((-1, -2)) if "head" in p else torch.full((L,), float(src.num_attention_heads), device=dev)
-            )
-            attn = 2 * hd * heads + 2 * hd * src.num_key_value_heads  # every KV head stays
-        ffn = (
-            p["intermediate"].sum(-1)
-            if "intermediate" in p
-            else torch.full((L,), float(src.intermediate_size), device=dev)
-        )
-        return hidden * (layer * (attn + 3 * ffn)).sum()
-
-    def _params_of(self, shape: Shape) -> float:
-        kv = shape.num_key_value_heads * 2 * shape.head_dim
-        return float(
-            shape.hidden_size
-            * shape.num_hidden_layers
-            * (2 * shape.head_dim * shape.num_attention_heads + kv + 3 * shape.intermediate_size)
-        )
+        return expected_params(self.source, self.head_mode, p, next(iter(self.log_alpha.values())).device)
 
     def source_params(self) -> float:
-        return self._params_of(self.source)
+        return prunable_params(self.source)
 
     @torch.no_grad()
     def expected_sparsity(self) -> float:
@@ -372,7 +371,7 @@ class Pruner(nn.Module):
 
     def final_sparsity(self) -> float:
         """Parameter sparsity of the target shape, same count as expected_sparsity."""
-        return 1.0 - self._params_of(self.target) / self.source_params()
+        return 1.0 - prunable_params(self.target) / self.source_params()
 
     def structure_sparsity(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Expected sparsity of each row of each structure: 1 - sum(P) / size."""

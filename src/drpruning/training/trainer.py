@@ -163,8 +163,8 @@ class Trainer:
         sums, kl_sums, counts = (torch.zeros(k, dtype=torch.float64, device=self.device) for _ in range(3))
         w = t.distill.weight if self.teacher is not None else 0.0
         micro = [local[i:i + t.micro_batch_size] for i in range(0, len(local), t.micro_batch_size)]
-        if self.pruner is not None:  # the last pruning.hardening_steps train the weights under the exact masks
-            self.pruner.harden(self.step >= t.steps - self.cfg.pruning.hardening_steps)
+        if self.pruner is not None:  # hardening (the last steps: exact masks), deterministic gates' temperature
+            self.pruner.begin_step(self.step)
         for j, chunk in enumerate(micro):
             ids = torch.stack([self.corpus.train[d][i] for d, i in chunk]).to(self.device)
             domains = torch.tensor([d for d, _ in chunk], device=self.device)

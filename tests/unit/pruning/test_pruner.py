@@ -381,3 +381,64 @@ def test_init_at_the_one_shot_cut_starts_from_its_exact_masks():
     # the expected size starts near the target, and there is no Lagrangian ramp unless one is asked for
     assert learnt.expected_sparsity() == pytest.approx(learnt.final_sparsity(), abs=0.1)
     assert learnt.target_sparsity("intermediate", 0) == pytest.approx(learnt.target_sparsity("intermediate", 50))
+
+
+def direct_gate(log_alpha: float, temperature: float) -> float:
+    """The stretched, clamped gate, computed with math on one value."""
+    s = 1.0 / (1.0 + math.exp(-log_alpha / temperature)) * 1.2 - 0.1
+    return min(1.0, max(0.0, s))
+
+
+def test_deterministic_gates_against_a_direct_computation():
+    """Training forwards use the noise-free gate at the step's temperature: 2/3 at step 0, falling with
+    sqrt(progress) to a fifth of it where hardening starts; the same values twice, and the penalty counts them."""
+    _, pruner = make(gates="deterministic", steps=100, hardening_steps=20)
+    randomise(pruner, std=1.5)
+    pruner.train()
+    for step, temperature in [(0, 2 / 3), (20, 2 / 3 * (1 - 0.8 * math.sqrt(20 / 80))), (80, 2 / 3 * 0.2)]:
+        pruner.begin_step(step)
+        assert float(pruner.gate_temperature) == pytest.approx(temperature, rel=1e-6)
+        if step == 80:  # hardening: the exact masks, made of the gate values at the last temperature
+            assert pruner.hardening and pruner.exact
+            pruner.begin_step(79)
+            pruner.train()
+        masks = pruner.masks()
+        assert torch.equal(masks["intermediate"], pruner.masks()["intermediate"])  # no noise
+        a = pruner.log_alpha["intermediate"].detach().double()
+        t = float(pruner.gate_temperature)
+        want = torch.tensor([[direct_gate(float(x), t) for x in row] for row in a], dtype=torch.float64)
+        torch.testing.assert_close(masks["intermediate"].double(), want, atol=1e-6, rtol=0)
+        sparsity = pruner.structure_sparsity()["intermediate"]
+        torch.testing.assert_close(sparsity.double(), 1 - want.sum(-1) / a.shape[-1], atol=1e-6, rtol=0)
+
+
+def test_deterministic_gates_pass_gradients_through_the_clamp_and_export_what_they_trained():
+    _, pruner = make(gates="deterministic")
+    with torch.no_grad():
+        pruner.log_alpha["hidden"].fill_(LOG_ALPHA_MAX)  # every gate at 1, inside the clamp
+        pruner.log_alpha["hidden"][:4] = LOG_ALPHA_MIN  # and four at 0
+    pruner.train()
+    pruner.begin_step(0)
+    gates = pruner.masks()["hidden"]
+    assert torch.equal(gates[:4], torch.zeros(4)) and torch.equal(gates[4:], torch.ones(28))
+    gates.sum().backward()  # the straight-through clamp: d gate / d log_alpha = sigmoid' (r - l) / t
+    a, t = pruner.log_alpha["hidden"].detach(), 2 / 3
+    sig = torch.sigmoid(a / t)
+    torch.testing.assert_close(pruner.log_alpha["hidden"].grad, sig * (1 - sig) * 1.2 / t)
+    # a saved and reloaded pruner (export) uses the temperature it trained at
+    pruner.begin_step(50)
+    _, again = make(gates="deterministic")
+    again.load_state_dict(pruner.state_dict())
+    for s, m in pruner.eval(exact=True).masks().items():
+        assert torch.equal(again.eval(exact=True).masks()[s], m), s
+
+
+def test_deterministic_gates_refuse_per_sequence_samples():
+    cfg = RunConfig()
+    cfg.pruning.enabled, cfg.pruning.target = True, {"num_hidden_layers": 2}
+    cfg.pruning.gates, cfg.pruning.mask_samples = "deterministic", "sequence"
+    with pytest.raises(ConfigError, match="mask_samples=micro_batch"):
+        validate(cfg)
+    cfg.pruning.gates = "noisy"
+    with pytest.raises(ConfigError, match="sampled or deterministic"):
+        validate(cfg)
