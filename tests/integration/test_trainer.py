@@ -18,6 +18,7 @@ from drpruning.config import ConfigError, load_config
 from drpruning.data.sampler import MixtureSampler
 from drpruning.pruning import Pruner, attach, export_run
 from drpruning.pruning.importance import calibrate
+from drpruning.pruning.summary import shape_summary
 from drpruning.training import health
 from drpruning.training.checkpoint import CheckpointError
 from drpruning.training.metrics import read_metrics
@@ -257,6 +258,21 @@ def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
     evals = [r for r in records if r["kind"] == "eval" and r["step"] >= 4]
     assert all(r["shape"]["num_hidden_layers"] == 2 for r in evals)  # evaluated at the exact shape
     assert evals[-1]["mean_loss"] < evals[0]["mean_loss"] + 0.5  # training went on under the exact masks
+
+
+def test_learnt_masks_are_evaluated_where_hardening_starts(tmp_path, model_dir):
+    """The last learnt (expected-size) masks get an evaluation of their own, the base of the export gap, even
+    when it falls between two `eval_every` steps."""
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 6, "train.eval_every": 4}) + [
+        "pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.hardening_steps=3"]
+    trainer = Trainer(load_config(None, ov))
+    trainer.run()
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 4, 6]
+    trainer.pruner.harden(False)  # the masks have not moved since step 3: its evaluation used these
+    expected, exact = (shape_summary(trainer.pruner, exact=e) for e in (False, True))
+    assert expected != exact  # the ramp's one step leaves the expected size above the target
+    assert evals[1]["shape"] == json.loads(json.dumps(expected)) and evals[2]["shape"] == json.loads(json.dumps(exact))
 
 
 def test_one_shot_cuts_at_step_zero_and_trains_the_compact_model(tmp_path, model_dir):

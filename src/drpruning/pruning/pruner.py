@@ -71,6 +71,8 @@ class Pruner(nn.Module):
         self.per_sequence = cfg.mask_samples == "sequence"
         self.deterministic = cfg.gates == "deterministic"
         self.mask_steps = max(1, total_steps - cfg.hardening_steps)  # the sharpening ends where hardening starts
+        # the last step of learnt masks before hardening: the trainer evaluates them there (the export gap's base)
+        self.last_learnt_step = self.mask_steps if cfg.hardening_steps and not self.one_shot else None
         self._gaps: dict[str, float] = {}  # the last penalty's mean sparsity gap per structure
         self._seed = 0
         self._generator: torch.Generator | None = None

@@ -289,7 +289,7 @@ class Trainer:
             if self.step % t.log_every == 0 or last:
                 self.metrics.write("train", **record)
             postfix = {"loss": f"{record['loss']:.3f}"}
-            if self.step % t.eval_every == 0 or last:
+            if self.step % t.eval_every == 0 or last or self.step == getattr(self.pruner, "last_learnt_step", None):
                 postfix["worst"] = f"{max(self.evaluate_and_mix(last)):.3f}"
             if "expected_params" in record:
                 postfix["params"] = f"{record['expected_params'] / 1e6:.1f}M"
