@@ -4,8 +4,9 @@
 
 Per arm, mean [min, max] over seeds, on the whole held-out split (32 sequences a domain): mean, worst and spread
 (worst - best domain) of the held-out loss after the mask phase (L0 arms) and at the end; the export gap (the
-mask phase's exact-mask evaluation minus its last expected-mask one, in-run sequences); the largest rise of an
-in-run evaluation over the previous one after the Lagrangian ramp; training seconds and FLOPs (6 N a trained
+mask phase's exact-mask evaluation minus that of its last learnt masks, where hardening starts; in-run
+sequences); the largest rise of an in-run evaluation over the previous one after the Lagrangian ramp (the
+source's own evaluation at step 0 excluded); training seconds and FLOPs (6 N a trained
 token, N the trained model: the masked source while masks are learnt, else the compact model; 2 N a teacher
 token).
 """
@@ -28,22 +29,38 @@ def evals(records: list[dict]) -> list[dict]:
     return [r for r in records if r["kind"] == "eval"]
 
 
+def learnt_until(records: list[dict]) -> int:
+    """The last step whose masks were learnt (a step with a Lagrangian record), before hardening."""
+    return max(r["step"] for r in records if r["kind"] == "train" and "lagrangian" in r)
+
+
 def export_gap(unit: dict) -> float | None:
-    """Exact-mask mean loss at the mask phase's end minus its previous (expected-mask) evaluation."""
+    """Exact-mask mean loss at the mask phase's end minus the evaluation of the last learnt masks (the step
+    where hardening starts; None for a run from before that evaluation existed)."""
     if "mask" not in unit:
         return None
-    e = evals(unit["mask"]["records"])
-    return e[-1]["mean_loss"] - e[-2]["mean_loss"] if len(e) >= 2 else None
+    records = unit["mask"]["records"]
+    e = evals(records)
+    if len(e) < 2 or e[-2]["step"] != learnt_until(records):
+        return None
+    return e[-1]["mean_loss"] - e[-2]["mean_loss"]
+
+
+def ramp_end(records: list[dict]) -> int:
+    """The first step whose target sparsity is the final one for every structure (0 without a ramp)."""
+    train = [r for r in records if r["kind"] == "train" and "target_sparsity" in r]
+    final = train[-1]["target_sparsity"]
+    return 1 + max((r["step"] for r in train if r["target_sparsity"] != final), default=-1)
 
 
 def largest_rise(unit: dict) -> float | None:
-    """The largest rise of the in-run mean loss over the previous evaluation, after the mask phase's ramp
-    (warmup = half the phase) and through the training stage."""
+    """The largest rise of the in-run mean loss over the previous evaluation, from the end of the Lagrangian
+    ramp (and after the source's evaluation at step 0) through the training stage."""
     if "mask" not in unit:
         return None
-    mask = evals(unit["mask"]["records"])
-    ramp = max(r["step"] for r in mask) // 2
-    seq = [r["mean_loss"] for r in mask if r["step"] >= ramp]
+    mask = unit["mask"]["records"]
+    start = max(ramp_end(mask), 1)  # step 0 evaluates the source, before any cut
+    seq = [r["mean_loss"] for r in evals(mask) if r["step"] >= start]
     seq += [r["mean_loss"] for r in evals(unit["train"]["records"])]
     return max(b - a for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
 

@@ -1,0 +1,49 @@
+"""The L0 study's derived columns (export gap, ramp end, largest rise) on records written out by hand."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "experiments" / "l0_budget"))
+
+import table  # noqa: E402
+
+
+def train(step, target, lagrangian=True):
+    r = {"kind": "train", "step": step, "target_sparsity": {"layer": target, "intermediate": 2 * target}}
+    return {**r, "lagrangian": 0.0} if lagrangian else r
+
+
+def ev(step, loss):
+    return {"kind": "eval", "step": step, "mean_loss": loss}
+
+
+def unit(mask_records, train_losses):
+    return {"mask": {"records": mask_records},
+            "train": {"records": [ev(s, v) for s, v in train_losses]}}
+
+
+# 10 mask steps, ramp over 4, hardening from step 8; evaluations at 0, 5, 8 (learnt) and 10 (exact)
+MASK = [*(train(s, min(1.0, s / 4) * 0.2) for s in range(1, 9)), *(train(s, 0.2, False) for s in (9, 10)),
+        ev(0, 3.0), ev(5, 3.9), ev(8, 3.5), ev(10, 3.56)]
+
+
+def test_export_gap_is_against_the_evaluation_where_hardening_starts():
+    assert table.learnt_until(MASK) == 8
+    assert table.export_gap(unit(MASK, [])) == pytest.approx(3.56 - 3.5)
+    older = [r for r in MASK if not (r["kind"] == "eval" and r["step"] == 8)]  # no evaluation at step 8
+    assert table.export_gap(unit(older, [])) is None
+    assert table.export_gap({"train": {"records": []}}) is None
+
+
+def test_largest_rise_counts_from_the_end_of_the_ramp_through_training():
+    assert table.ramp_end(MASK) == 4
+    # after step 4: 3.9 (step 5), 3.5, 3.56, then training 3.56 -> 3.7 -> 3.2: largest rise 0.14 (the jump to
+    # 3.9 at step 5 follows the ramp's evaluation at step 0, before the end of the ramp, so it does not count)
+    assert table.largest_rise(unit(MASK, [(0, 3.56), (25, 3.7), (50, 3.2)])) == pytest.approx(0.14)
+    no_ramp = [train(s, 0.2) for s in range(1, 9)] + [ev(0, 3.0), ev(5, 3.9), ev(8, 4.3)]
+    assert table.ramp_end(no_ramp) == 0  # at the target from the first step
+    assert table.largest_rise(unit(no_ramp, [])) == pytest.approx(0.4)  # not the cut's 0.9 from the source
