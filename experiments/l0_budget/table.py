@@ -13,6 +13,8 @@ token).
 
 from __future__ import annotations
 
+import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 from tables import all_results, load_study, md_table, pm, summary, write_between_markers  # noqa: E402
 
 TOTALS = (250, 1000)
+EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
 SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_60": 0.6}
 
 
@@ -125,6 +128,29 @@ def plot(spec: dict, results: dict, total: int, out: Path) -> Path | None:
     return path
 
 
+def evidence(results: dict) -> dict:
+    """Per total: the worst-domain end loss of one-shot + KD and of the best L0 arm (lowest mean), on the seeds
+    both finished (at least 2), for `drpruning plan`'s recommendation (src/drpruning/plan/recommend.py)."""
+    points = []
+    for total in TOTALS:
+        base = results.get(f"t{total}_oneshot", {})
+        end = {arm: {seed: summary(u[list(u)[-1]]["heldout"])["worst"] for seed, u in units.items()}
+               for arm, units in results.items() if arm.startswith(f"t{total}_l0")}
+        candidates = [(statistics.fmean(w[s] for s in seeds), arm, seeds) for arm, w in end.items()
+                      if len(seeds := sorted(set(w) & set(base))) >= 2]
+        if not candidates:
+            continue
+        _, arm, seeds = min(candidates)
+        one = [summary(base[s]["train"]["heldout"])["worst"] for s in seeds]
+        l0 = [end[arm][s] for s in seeds]
+        source = base[seeds[0]]["train"]["heldout_meta"]["input_params"]
+        points.append({"total_steps": total, "tokens_per_step": 2048, "source_params": source,
+                       "tokens_per_param": round(total * 2048 / source, 6), "seeds": seeds, "l0_arm": arm,
+                       "oneshot_worst": [round(v, 4) for v in one], "l0_worst": [round(v, 4) for v in l0],
+                       "gap_worst": [round(b - a, 4) for a, b in zip(one, l0)]})
+    return {"study": "experiments/l0_budget", "written_by": "experiments/l0_budget/table.py", "points": points}
+
+
 def main() -> None:
     spec = load_study(HERE)
     results = all_results(spec)
@@ -143,6 +169,7 @@ def main() -> None:
     status = [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
               for seed in spec["seeds"] for arm in spec["arms"]]
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
+    EVIDENCE.write_text(json.dumps(evidence(results), indent=1) + "\n")
     print((HERE / "README.md").read_text())
 
 

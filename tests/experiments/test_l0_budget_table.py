@@ -47,3 +47,11 @@ def test_largest_rise_counts_from_the_end_of_the_ramp_through_training():
     no_ramp = [train(s, 0.2) for s in range(1, 9)] + [ev(0, 3.0), ev(5, 3.9), ev(8, 4.3)]
     assert table.ramp_end(no_ramp) == 0  # at the target from the first step
     assert table.largest_rise(unit(no_ramp, [])) == pytest.approx(0.4)  # not the cut's 0.9 from the source
+
+
+def test_the_committed_evidence_is_what_the_committed_results_give():
+    """`drpruning plan` reads src/drpruning/plan/l0_evidence.json: it must be table.py's output on the results."""
+    import json
+
+    spec = table.load_study(table.HERE)
+    assert json.loads(table.EVIDENCE.read_text()) == json.loads(json.dumps(table.evidence(table.all_results(spec))))

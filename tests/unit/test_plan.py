@@ -177,6 +177,8 @@ def test_plan_command_prints_the_verdict(capsys, offline):
     rc = main(["plan", str(ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"), "--nproc", "8", "--device-memory", "80"])
     out = capsys.readouterr().out
     assert rc == 0 and "verdict   fits" in out and "419,430,400 in total" in out  # 32 x 4096 x 3200
+    # 419,430,400 tokens over 6,738,415,616 source parameters, and the method the evidence supports
+    assert "recommended: pruning.method=" in out and "0.0622 tokens/parameter" in out
     rc = main(["plan", str(ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"), "parallel=ddp",
                "train.activation_checkpointing=false", "--nproc", "8"])
     out = capsys.readouterr().out

@@ -18,6 +18,7 @@ from drpruning.models.shape import Shape, derive_config, resolve_target, source_
 from drpruning.plan.disk import DataDisk, checkpoint_bytes, data_disk, token_bytes
 from drpruning.plan.estimate import MemoryEstimate, Setup, estimate, fixes
 from drpruning.plan.memory import GB, ParamCounts, parameter_counts, pruner_params
+from drpruning.plan.recommend import recommendation_line
 
 DEFAULT_DEVICE_GB = 80.0  # when no CUDA device is present to ask
 TIGHT = 0.9  # warn above this share of the device memory
@@ -206,6 +207,8 @@ def format_plan(plan: Plan) -> str:
     if plan.target_shape is not None:
         lines += [f"target    {_shape(plan.target_shape)}",
                   f"          {_params(plan.target)} parameters ({plan.target.total / plan.source.total:.1%})"]
+    if cfg.pruning.enabled:
+        lines.append(recommendation_line(cfg, plan.source.total))
     step = t.batch_size * cfg.data.seq_len
     lines += [f"tokens    {step:,} per optimiser step ({t.batch_size} x {cfg.data.seq_len}), "
               f"{step * t.steps:,} in total ({t.steps} steps)",

@@ -1,0 +1,66 @@
+"""Which pruning method a config's budget supports, from the measured equal-token study of learnt (L0) masks
+against one-shot importance pruning + distillation (experiments/l0_budget).
+
+The study's table command writes `l0_evidence.json` beside this file from its committed results: per total
+budget, the tokens per source parameter and, for the same seeds, the end-of-pipeline worst-domain held-out loss
+of one-shot + KD and of the best L0 arm. A budget is read in tokens per source parameter, the unit that carries
+from SmolLM2-135M to a 7B source.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+EVIDENCE = Path(__file__).with_name("l0_evidence.json")
+
+
+def load_evidence(path: Path = EVIDENCE) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"points": []}
+
+
+def at_par(point: dict[str, Any]) -> bool:
+    """The best L0 arm is better than, or within seed noise of, one-shot + KD on worst-domain loss: its mean
+    paired gap is at most the larger seed range (max - min) of the two arms."""
+    gap = statistics.fmean(point["gap_worst"])
+    noise = max(max(v) - min(v) for v in (point["oneshot_worst"], point["l0_worst"]))
+    return gap <= noise
+
+
+def _gap(point: dict[str, Any]) -> str:
+    g = point["gap_worst"]
+    return (f"{statistics.fmean(g):+.3f} nats [{min(g):+.3f}, {max(g):+.3f}] over {len(g)} seeds, "
+            f"{point['l0_arm']} against one-shot + KD at {point['tokens_per_param']:.4f} tokens/parameter "
+            f"({point['total_steps']} steps x {point['tokens_per_step']:,} tokens)")
+
+
+def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(pruning.method, why) for a pruning pipeline of `tokens` on a source of `source_params`."""
+    ev = load_evidence() if evidence is None else evidence
+    points = sorted(ev["points"], key=lambda p: p["tokens_per_param"])
+    tpp = tokens / source_params
+    here = f"this config: {tpp:.4f} tokens/parameter"
+    if not points:
+        return "importance", (f"{here}; no equal-token measurement of learnt masks has finished yet "
+                              "(experiments/l0_budget), and one-shot + distillation is the recipe the demo measured")
+    crossing = next((p for p in points if at_par(p)), None)
+    if crossing is not None and tpp >= crossing["tokens_per_param"]:
+        return "l0", f"{here}; learnt masks reach one-shot + KD on worst-domain loss from there: {_gap(crossing)}"
+    below = [p for p in points if p["tokens_per_param"] <= tpp]
+    nearest = below[-1] if below else points[0]
+    why = f"{here}; at the nearest measured budget learnt masks ended {_gap(nearest)} (worst-domain loss)"
+    if tpp > points[-1]["tokens_per_param"]:
+        why += (f"; the budget is {tpp / points[-1]['tokens_per_param']:.0f}x the largest measured one, where the"
+                " comparison has not been run")
+    return "importance", why
+
+
+def recommendation_line(cfg: Any, source_params: int) -> str:
+    """`recommended: pruning.method=...` for the plan of a pruning config."""
+    t = cfg.train
+    method, why = recommend(t.steps * t.batch_size * cfg.data.seq_len, source_params)
+    name = {"importance": "importance (one-shot + distillation)", "l0": "l0 (learnt masks)"}[method]
+    change = "" if cfg.pruning.method == method else f" (this config has pruning.method={cfg.pruning.method})"
+    return f"recommended: pruning.method={name}{change}: {why}"
