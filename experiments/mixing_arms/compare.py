@@ -1,4 +1,4 @@
-"""Issue 13: does robust mixing win? Seven mixing arms (and an L0 one) for prune -> continued pretraining.
+"""Does robust mixing win? Seven mixing arms (and an L0 one) for prune -> continued pretraining.
 
 For each setting (mono: 7 RedPajama domains; multi: 8 languages), each seed and each arm, this prunes the default
 SmolLM2-135M one-shot to a fixed shape (experiments/mixing_arms/configs/prune.yaml), continues pretraining the
@@ -62,7 +62,7 @@ def both(*overrides: str) -> tuple[list[str], list[str]]:
 ARMS: dict[str, tuple[list[str], list[str]]] = {  # (pruning overrides, continued-pretraining overrides)
     # the paper's initial proportions throughout
     "constant": both("mixing.method=constant"),
-    # equal proportions throughout: the stratified baseline data-mixing studies find hard to beat (issue 13)
+    # equal proportions throughout: the stratified baseline data-mixing studies find hard to beat
     "uniform": both("mixing.method=constant", "data.proportions=null"),
     # Sheared-LLaMA dynamic batch loading, references = the source model's per-domain losses
     "sheared": both("mixing.method=sheared", "mixing.reference=source"),
@@ -538,7 +538,7 @@ def setting_tables(setting: str, results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-# (arm, baseline) pairs the issue asks about: does drpruning beat each baseline; what distillation and the
+# (arm, baseline) pairs the comparison asks about: does drpruning beat each baseline; what distillation and the
 # importance initialisation add
 PAIRS = [("drpruning", "constant"), ("drpruning", "uniform"), ("drpruning", "sheared"), ("drpruning", "dro"),
          ("drpruning_distill", "drpruning"), ("minitron", "constant"), ("drpruning_distill", "minitron"),
