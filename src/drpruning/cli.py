@@ -122,6 +122,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from drpruning.config import load_config
+    from drpruning.models.shape_search import format_table, run_shapes
+
+    for flag, value, least in (("--top", args.top, 1), ("--refine-steps", args.refine_steps, 0),
+                               ("--refine-top", args.refine_top, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: give a whole number of at least {least}")
+    config, overrides = _config_and_overrides(args)
+    cfg = load_config(config, ["pruning.enabled=true", *overrides])
+    if cfg.pruning.target_params is None:
+        raise ConfigError("drpruning shapes needs a parameter budget: set pruning.target_params (e.g. "
+                          "pruning.target_params=60M); pruning.target alone names one shape, nothing to search")
+    ranked, path = run_shapes(cfg, args.refine_steps, args.refine_top)
+    print(format_table(ranked, args.top))
+    print(f"table: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from drpruning.demo import run_demo
 
@@ -197,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("items", nargs=argparse.REMAINDER, metavar="CONFIG.yaml [key=value ...]",
                    help="the run's YAML config and/or overrides (run_dir is not needed)")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("shapes", help="rank the valid shapes within 2%% of pruning.target_params",
+                       description="Enumerate the valid shapes (depth, heads / KV groups, hidden size, FFN width) "
+                                   "within 2%% of pruning.target_params, score each by the held-out loss right "
+                                   "after the one-shot importance cut, print the ranking and write it to "
+                                   "RUN_DIR/shapes.md and shapes.json. " + EPILOG)
+    s.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a prune config with pruning.target_params, and/or overrides; run_dir is required")
+    s.add_argument("--top", type=int, default=10, help="rows to print (default 10; the files hold all)")
+    s.add_argument("--refine-steps", type=int, default=0,
+                   help="train the best --refine-top shapes this many steps (distillation as train.distill) "
+                        "and rank them by the loss after (default 0: off)")
+    s.add_argument("--refine-top", type=int, default=3, help="shapes to refine (default 3)")
+    s.set_defaults(func=cmd_shapes)
 
     s = sub.add_parser("demo", help="the embedded default end to end: fetch, prune, continue, evaluate, report",
                        description="Fetch SmolLM2-135M, prune it with DRPruning mixing on the embedded corpus, "

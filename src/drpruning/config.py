@@ -111,6 +111,10 @@ class PruningConfig:
     # intermediate_size; or target_params (e.g. "60M") from which a shape is derived
     target: dict[str, Any] = field(default_factory=dict)
     target_params: Any = None
+    # with target_params: search (the default) scores the valid shapes within 2% of the budget by the held-out
+    # loss right after the one-shot cut and prunes to the best (docs/pruning.md, "Choosing the shape");
+    # proportional shrinks every enabled width dimension by one factor. Ignored without target_params
+    shape: str = "search"
     structures: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
     head_mode: str = "kv_group"  # kv_group: prune whole KV groups | query: prune query heads inside groups
     lagrangian_warmup_steps: int | None = None  # None: 20% of train.steps (the paper's setting)
@@ -306,6 +310,9 @@ def validate(cfg: RunConfig) -> None:
         if w is not None and not 0 <= w <= t.steps:
             raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the run has "
                               f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
+        if p.shape not in ("proportional", "search"):
+            raise ConfigError(f"config key 'pruning.shape' is {p.shape!r}: use search (score the shapes within 2% "
+                              "of pruning.target_params) or proportional (shrink every dimension by one factor)")
         if p.init not in ("uniform", "importance", "one_shot"):
             raise ConfigError(f"config key 'pruning.init' is {p.init!r}: use uniform, importance or one_shot")
         if p.method not in ("l0", "importance"):
