@@ -169,7 +169,9 @@ def export_model(
 def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Export a pruning run's compact model from one of its checkpoints (default: the newest good one)."""
     from drpruning.config import ConfigError, load_config
+    from drpruning.model_card import write_model_card
     from drpruning.models.loading import load_model as load_source
+    from drpruning.models.loading import load_model_config
     from drpruning.training.checkpoint import Checkpointer, read_pruner, read_weights
 
     run_dir = Path(run_dir)
@@ -192,12 +194,15 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str 
     checkpointer.verify(int(checkpoint.removeprefix("step-")))
     out = Path(out_dir or run_dir / "model")
     if cfg.pruning.method == "importance":  # a one-shot run trains the compact model cut in RUN_DIR/cut
-        return _export_compact(run_dir, folder, out, cfg.model.source)
-    model, tokenizer = load_source(cfg.model.source)
-    read_weights(folder, model)
-    pruner = Pruner(model.config, cfg.pruning, cfg.train.steps)
-    read_pruner(folder, pruner)
-    return export_model(model, pruner, out, tokenizer)
+        _export_compact(run_dir, folder, out, cfg.model.source)
+    else:
+        model, tokenizer = load_source(cfg.model.source)
+        read_weights(folder, model)
+        pruner = Pruner(model.config, cfg.pruning, cfg.train.steps)
+        read_pruner(folder, pruner)
+        export_model(model, pruner, out, tokenizer)
+    write_model_card(out, cfg, run_dir, load_model_config(cfg.model.source)[0], int(checkpoint.removeprefix("step-")))
+    return out
 
 
 def _export_compact(run_dir: Path, checkpoint: Path, out: Path, source: str) -> Path:
