@@ -2,6 +2,7 @@
 
 Per run: per-domain train and eval loss over steps, domain proportions (stacked area), reference losses with
 the scaling-law predictions, expected against target sparsity and expected parameter count, the final shape.
+A run whose shape was searched also shows the ranking of its candidates (RUN_DIR/shapes.json).
 Across runs: a side-by-side table of the last evaluation (per-domain perplexity, mean and worst loss) and of
 downstream accuracy when the run dir has `downstream.json`.
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig renders with Agg and touches no global state
 
+from drpruning.models.shape_search import read_table
 from drpruning.training.metrics import read_metrics
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -282,6 +284,11 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         if srows:
             md += ["### Final shape", "", _md_table(["", "value"], srows), ""]
             hb += ["<h3>Final shape</h3>", _html_table(["", "value"], srows)]
+        searched = read_table(run["dir"])
+        if searched:
+            title = "Shape search (ranked by the held-out loss right after the cut; RUN_DIR/shapes.md)"
+            md += [f"### {title}", "", _md_table(*searched), ""]
+            hb += [f"<h3>{html.escape(title)}</h3>", _html_table(*searched)]
         for key, plot, title in PLOTS:
             png = out_dir / f"run{i}-{key}.png"
             if plot(run, png):

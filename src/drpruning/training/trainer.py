@@ -24,6 +24,7 @@ from drpruning.evaluation.perplexity import domain_nll, loss_and_error
 from drpruning.loss import autocast, autocast_dtype, token_losses
 from drpruning.mixing import build_mixer
 from drpruning.model_card import write_model_card
+from drpruning.models import shape_search
 from drpruning.models.loading import load_model, load_model_config, model_max_length, save_model, source_dtype
 from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.plan import check_memory
@@ -85,6 +86,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
         self.forward_dtype = self.amp_dtype  # every forward's autocast; None once FSDP gathers weights in it
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
+        if cfg.pruning.enabled and shape_search.applies(cfg.pruning):  # the best shape under the budget
+            cfg.pruning = shape_search.searched(cfg, self.model, self.corpus, self.run_dir, self.forward_dtype,
+                                                bool(cfg.resume and self.checkpointer.steps()), self.main)
 
         self.pruner, self.cut, source = None, None, None
         final_sparsity = None
