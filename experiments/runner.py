@@ -17,6 +17,9 @@ study.yaml:
       NAME:                              # stages run in order, each from the previous stage's model
         - {stage: mask, overrides: [pruning.method=l0, train.steps=150]}
         - {stage: train, overrides: [pruning.enabled=false, train.steps=850]}
+        # a stage may start from its own config instead of base (a path beside study.yaml); the held-out
+        # evaluation always reads the base config's data
+        - {stage: cpt, config: ../../src/drpruning/configs/demo_cpt.yaml, overrides: [train.steps=60]}
 
 A unit (arm, seed) works in runs/STUDY/ARM/seed-K/STAGE/ (checkpoints, models: not committed). A stage whose
 model exists is skipped, one with checkpoints resumes (resume=true, exact). Each stage's model is evaluated on
@@ -69,8 +72,10 @@ def set_threads() -> None:
     torch.set_num_threads(int(os.environ.get("RUNNER_THREADS", "1")))
 
 
-def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list[str]) -> Path:
-    """One `train` run of the base config; skipped when RUN_DIR/model exists, resumed from its checkpoints."""
+def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list[str],
+              config: str | None = None) -> Path:
+    """One `train` run of the stage's config (default: the base config); skipped when RUN_DIR/model exists,
+    resumed from its checkpoints."""
     from drpruning.config import load_config
     from drpruning.training.trainer import train
 
@@ -78,7 +83,7 @@ def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list
     if (model_dir / "config.json").is_file():
         return model_dir
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    cfg = load_config(str(spec["dir"] / spec["base"]),
+    cfg = load_config(str(spec["dir"] / (config or spec["base"])),
                       [f"run_dir={run_dir}", f"resume={str(resume).lower()}", f"model.source={source}",
                        f"train.seed={seed}", f"train.distill.teacher={spec['source']}", *overrides])
     log.info("%s: %s", run_dir, "resuming" if resume else "starting")
@@ -171,7 +176,7 @@ def run_unit(spec: dict, arm: str, seed: int) -> None:
     model, teacher = spec["source"], parameters(spec["source"])
     for stage in spec["arms"][arm]:
         run_dir, given = base / stage["stage"], model
-        model = str(run_stage(spec, run_dir, model, seed, list(stage.get("overrides", []))))
+        model = str(run_stage(spec, run_dir, model, seed, list(stage.get("overrides", [])), stage.get("config")))
         # for the table's FLOPs: the stage's input and output models and the teacher (the source)
         counts = {"input_params": parameters(given), "params": parameters(model), "teacher_params": teacher}
         heldout(spec, Path(model), run_dir / "heldout.json", counts)

@@ -27,12 +27,17 @@ def study(tmp_path, monkeypatch):
                   "checkpoint_every": 2, "lr": 1e-3, "eval_batch_size": 2, "distill": {"weight": 0.5}},
         "mixing": {"method": "drpruning"},
         "pruning": {"enabled": True, "method": "importance", "target": {"num_hidden_layers": 2}}}))
+    # the l0 arm's second stage starts from its own config, as a study of the demo's two configs does
+    (folder / "cpt.yaml").write_text(json.dumps({
+        "data": {"domains": domains, "seq_len": 32, "eval_sequences": 3, "cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "dtype": "float32", "eval_every": 2, "lr": 3e-4,
+                  "checkpoint_every": 2, "eval_batch_size": 2}}))
     (folder / "study.yaml").write_text(json.dumps({
         "base": "base.yaml", "source": str(model), "seeds": [0],
         "arms": {"oneshot": [{"stage": "train", "overrides": ["train.steps=4"]}],
                  "l0": [{"stage": "mask", "overrides": ["pruning.method=l0", "train.steps=4",
                                                          "pruning.lagrangian_warmup_steps=2"]},
-                        {"stage": "train", "overrides": ["pruning.enabled=false", "train.steps=2"]}]}}))
+                        {"stage": "train", "config": "cpt.yaml", "overrides": ["train.steps=2"]}]}}))
     monkeypatch.setattr(runner, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(runner, "set_threads", lambda: None)  # the test process keeps its threads
     return runner.load_study(folder)
@@ -48,6 +53,7 @@ def test_a_study_runs_keeps_its_results_and_skips_what_is_finished(study, monkey
     assert l0["mask"]["heldout_meta"]["input_params"] > l0["mask"]["heldout_meta"]["params"]
     assert l0["train"]["heldout_meta"]["input_params"] == l0["train"]["heldout_meta"]["params"]
     assert [r["step"] for r in l0["train"]["records"] if r["kind"] == "train"] == [1, 2]
+    assert "lr: 0.0003" in (runner.RUNS / "tiny_study" / "l0" / "seed-0" / "train" / "config.yaml").read_text()
     held = l0["train"]["heldout"]
     assert set(held) == {"alpha", "beta", "gamma"}
     s = tables.summary(held)
