@@ -49,8 +49,10 @@ def test_target_parameter_counts_match_a_model_of_that_shape(kind):
 
 
 def test_published_parameter_counts_of_the_paper_sources():
-    # the model cards' counts: Llama-2-7B 6,738,415,616; Qwen2-7B 7,615,616,512
-    published = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "Qwen/Qwen2-7B": 7_615_616_512}
+    # the published counts: Llama-2-7B 6,738,415,616; Qwen2-7B and Qwen2.5-7B 7,615,616,512 (the same
+    # architecture); Llama-3.1-8B 8,030,261,248
+    published = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "Qwen/Qwen2-7B": 7_615_616_512,
+                 "Qwen/Qwen2.5-7B": 7_615_616_512, "meta-llama/Llama-3.1-8B": 8_030_261_248}
     for source, n in published.items():
         from transformers import AutoConfig
 
@@ -133,7 +135,8 @@ def offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no 3 s probe of an unreachable hub
 
 
-@pytest.mark.parametrize("name", ["prune-llama2-7b-1.3b", "prune-llama2-7b-2.7b", "prune-qwen2-7b-1.5b"])
+@pytest.mark.parametrize("name", ["prune-llama2-7b-1.3b", "prune-llama2-7b-2.7b", "prune-qwen2-7b-1.5b",
+                                  "prune-llama3.1-8b-4b", "prune-qwen2.5-7b-3b"])
 def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     plan = make_plan(cfg, world=8, memory_gb=80)
