@@ -1,4 +1,5 @@
-"""Models: loading and fetching (`loading`), one adapter entry per family (`families`), target shapes (`shape`)."""
+"""Models: loading and fetching (`loading`), one adapter entry per family (`families`), target shapes (`shape`),
+the shape search under a parameter budget (`shape_search`), model cards of exported folders (`card`)."""
 
 from drpruning.models.families import FAMILIES, SUPPORTED, Family, family_of
 from drpruning.models.loading import (

@@ -350,14 +350,18 @@ def run_shapes(cfg: Any, refine_steps: int = 0, refine_top: int = 3) -> tuple[li
     return ranked, path
 
 
-def searched(cfg: Any, model: nn.Module, corpus: Any, run_dir: Path, dtype: torch.dtype | None,
-             resumed: bool, main: bool = True) -> PruningConfig:
-    """The run's pruning config with the searched shape as its explicit target (so the Pruner, the saved
-    config.yaml and `drpruning export` all see it). A resumed run takes the winner its RUN_DIR/shapes.json
-    recorded; otherwise the main rank searches and writes the table, and every rank takes its winner."""
+def searched(cfg: Any, model: nn.Module, corpus: Any, dtype: torch.dtype | None, main: bool = True) -> PruningConfig:
+    """The run's pruning config, with the searched shape as its explicit target when the run searches (so the
+    Pruner, the saved config.yaml and `drpruning export` all see it). A resumed run takes the winner its
+    RUN_DIR/shapes.json recorded; otherwise the main rank searches and writes the table, and every rank takes
+    its winner. `cfg` is the RunConfig."""
     from drpruning.training import distributed as dist
+    from drpruning.training.checkpoint import Checkpointer
 
-    shape = read_winner(run_dir) if resumed else None
+    if not (cfg.pruning.enabled and applies(cfg.pruning)):
+        return cfg.pruning
+    run_dir = Path(cfg.run_dir)
+    shape = read_winner(run_dir) if cfg.resume and Checkpointer(run_dir).steps() else None
     if shape is None:
         dims = [0.0] * len(dataclasses.fields(Shape))
         if main:

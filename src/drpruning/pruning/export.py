@@ -169,9 +169,8 @@ def export_model(
 def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Export a pruning run's compact model from one of its checkpoints (default: the newest good one)."""
     from drpruning.config import ConfigError, load_config
-    from drpruning.model_card import write_model_card
+    from drpruning.models.card import write_model_card
     from drpruning.models.loading import load_model as load_source
-    from drpruning.models.loading import load_model_config
     from drpruning.training.checkpoint import Checkpointer, read_pruner, read_weights
 
     run_dir = Path(run_dir)
@@ -201,7 +200,7 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out_dir: str 
         pruner = Pruner(model.config, cfg.pruning, cfg.train.steps)
         read_pruner(folder, pruner)
         export_model(model, pruner, out, tokenizer)
-    write_model_card(out, cfg, run_dir, load_model_config(cfg.model.source)[0], int(checkpoint.removeprefix("step-")))
+    write_model_card(out, cfg, run_dir, step=int(checkpoint.removeprefix("step-")))
     return out
 
 

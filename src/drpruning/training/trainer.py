@@ -23,8 +23,7 @@ from drpruning.data.sampler import continue_stream, save_stream
 from drpruning.evaluation.perplexity import domain_nll, loss_and_error
 from drpruning.loss import autocast, autocast_dtype, token_losses
 from drpruning.mixing import build_mixer
-from drpruning.model_card import write_model_card
-from drpruning.models import shape_search
+from drpruning.models import card, shape_search
 from drpruning.models.loading import load_model, load_model_config, model_max_length, save_model, source_dtype
 from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.plan import check_memory
@@ -57,7 +56,6 @@ class Trainer:
         # Cheap checks first: model config, target shape, data folders. Weights and tokens come after.
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main, cfg=cfg)  # log sinks' packages
         model_config, source_dir, _ = load_model_config(cfg.model.source)
-        self.source_config = model_config  # for the exported model's card
         if cfg.data.seq_len > model_max_length(model_config):
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} is beyond the model's context of "
                               f"{model_max_length(model_config)} tokens; lower data.seq_len")
@@ -86,9 +84,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
         self.forward_dtype = self.amp_dtype  # every forward's autocast; None once FSDP gathers weights in it
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
-        if cfg.pruning.enabled and shape_search.applies(cfg.pruning):  # the best shape under the budget
-            cfg.pruning = shape_search.searched(cfg, self.model, self.corpus, self.run_dir, self.forward_dtype,
-                                                bool(cfg.resume and self.checkpointer.steps()), self.main)
+        cfg.pruning = shape_search.searched(cfg, self.model, self.corpus, self.forward_dtype, self.main)  # best shape
 
         self.pruner, self.cut, source = None, None, None
         final_sparsity = None
@@ -324,7 +320,7 @@ class Trainer:
             save_stream(self.sampler, out)
             self.metrics.write("final", step=self.step, model_dir=str(out),
                                shape={key: getattr(shape, key) for key in SHAPE_KEYS}, **extra)
-            write_model_card(out, self.cfg, self.run_dir, self.source_config)
+            card.write_model_card(out, self.cfg, self.run_dir)
         dist.barrier()
         return out
 

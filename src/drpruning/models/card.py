@@ -116,13 +116,18 @@ def model_card(model_dir: Path, cfg: Any, run_dir: Path, config: Any, source_con
     return "\n".join(md)
 
 
-def write_model_card(model_dir: str | Path, cfg: Any, run_dir: str | Path, source_config: Any | None = None,
-                     step: int | None = None) -> Path:
+def write_model_card(model_dir: str | Path, cfg: Any, run_dir: str | Path, step: int | None = None) -> Path:
     """Write MODEL_DIR/README.md (atomically) for a folder exported from the run in `run_dir` at `step`."""
     from transformers import AutoConfig
 
+    from drpruning.models.loading import ModelSourceError, load_model_config
+
     model_dir, run_dir = Path(model_dir), Path(run_dir)
     config = AutoConfig.from_pretrained(model_dir)
+    try:  # read when the run started; a card without the source column if it has gone since
+        source_config = load_model_config(cfg.model.source)[0]
+    except (ModelSourceError, OSError):
+        source_config = None
     path = model_dir / CARD
     tmp = path.with_name(f".{CARD}.partial")
     tmp.write_text(model_card(model_dir, cfg, run_dir, config, source_config, step))
