@@ -4,12 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from study_tables import load_table
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "experiments" / "l0_budget"))
-
-import table  # noqa: E402
+table = load_table(ROOT / "experiments" / "l0_budget" / "table.py", "l0_budget_table")
 
 
 def train(step, target, lagrangian=True):
