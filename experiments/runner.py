@@ -20,6 +20,11 @@ study.yaml:
         # a stage may start from its own config instead of base (a path beside study.yaml); the held-out
         # evaluation always reads the base config's data
         - {stage: cpt, config: ../../src/drpruning/configs/demo_cpt.yaml, overrides: [train.steps=60]}
+    tasks:                               # optional: downstream tasks of the last stage's model (tasks.json)
+      dir: ../../../shared/eval          # task folder, relative to study.yaml
+      names: [arc_easy, piqa]
+      items: 100                         # the first N items of each task
+      items_for: {drpruning: 300}        # per-arm overrides
 
 A unit (arm, seed) works in runs/STUDY/ARM/seed-K/STAGE/ (checkpoints, models: not committed). A stage whose
 model exists is skipped, one with checkpoints resumes (resume=true, exact). Each stage's model is evaluated on
@@ -111,7 +116,34 @@ def heldout(spec: dict, model_dir: Path, out: Path, extra: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     amp = autocast_dtype("auto", torch.device("cpu"))
     result = {"model": str(model_dir), "domains": domain_losses(model, corpus.eval_dict(), 16, amp),
-              "wall_s": time.perf_counter() - start, **extra}
+              "wall_s": time.perf_counter() - start, "train_tokens": dict(zip(corpus.names, corpus.train_tokens)),
+              **extra}
+    write_json(out, result)
+
+
+def downstream(spec: dict, arm: str, model_dir: Path, out: Path) -> None:
+    """The study's `tasks` through the project's scorer: accuracy, its standard error and each item's
+    correctness (for differences paired by item), on the first `items` items (`items_for` overrides per arm)."""
+    tasks = spec.get("tasks")
+    if not tasks or out.is_file():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning.evaluation.tasks import score_task
+    from drpruning.loss import autocast, autocast_dtype
+
+    limit = tasks.get("items_for", {}).get(arm, tasks["items"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task_dir = (spec["dir"] / tasks["dir"]).resolve()
+    result, start = {}, time.perf_counter()
+    with torch.no_grad(), autocast(torch.device("cpu"), autocast_dtype("auto", torch.device("cpu"))):
+        for name in tasks["names"]:
+            r = score_task(model, tokenizer, name, limit, task_dir=task_dir, progress=False, keep_items=True)
+            r["correct"] = [item["correct"] for item in r.pop("items")]
+            result[name] = r
+    result["wall_s"] = time.perf_counter() - start
     write_json(out, result)
 
 
@@ -152,6 +184,8 @@ def keep(spec: dict, arm: str, seed: int) -> None:
                 gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:  # no time stamp: the same bytes every time
             shutil.copyfileobj(src, out)
         shutil.copy2(base / stage / "heldout.json", tmp / f"{stage}.heldout.json")
+    if (base / "tasks.json").is_file():
+        shutil.copy2(base / "tasks.json", tmp / "tasks.json")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     log.info("%s %s seed %d: results kept in %s", spec["name"], arm, seed, dest)
@@ -180,6 +214,7 @@ def run_unit(spec: dict, arm: str, seed: int) -> None:
         # for the table's FLOPs: the stage's input and output models and the teacher (the source)
         counts = {"input_params": parameters(given), "params": parameters(model), "teacher_params": teacher}
         heldout(spec, Path(model), run_dir / "heldout.json", counts)
+    downstream(spec, arm, Path(model), base / "tasks.json")
     keep(spec, arm, seed)
 
 

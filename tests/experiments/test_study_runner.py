@@ -32,8 +32,13 @@ def study(tmp_path, monkeypatch):
         "data": {"domains": domains, "seq_len": 32, "eval_sequences": 3, "cache_dir": str(tmp_path / "cache")},
         "train": {"batch_size": 4, "micro_batch_size": 2, "dtype": "float32", "eval_every": 2, "lr": 3e-4,
                   "checkpoint_every": 2, "eval_batch_size": 2}}))
+    (folder / "tasks").mkdir()
+    items = [{"query": f"the {w} is", "gold": i % 2, "choices": [" here", " there"]}
+             for i, w in enumerate(["cat", "dog", "sun", "sea", "tree"])]
+    (folder / "tasks" / "tiny_choice.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
     (folder / "study.yaml").write_text(json.dumps({
         "base": "base.yaml", "source": str(model), "seeds": [0],
+        "tasks": {"dir": "tasks", "names": ["tiny_choice"], "items": 3, "items_for": {"oneshot": 5}},
         "arms": {"oneshot": [{"stage": "train", "overrides": ["train.steps=4"]}],
                  "l0": [{"stage": "mask", "overrides": ["pruning.method=l0", "train.steps=4",
                                                          "pruning.lagrangian_warmup_steps=2"]},
@@ -59,6 +64,12 @@ def test_a_study_runs_keeps_its_results_and_skips_what_is_finished(study, monkey
     s = tables.summary(held)
     losses = [d["loss"] for d in held.values()]
     assert s == {"mean": sum(losses) / 3, "worst": max(losses), "spread": max(losses) - min(losses)}
+
+    # downstream: the last model of each unit on the first `items` items (5 for oneshot), kept with the results
+    for arm, n in (("oneshot", 5), ("l0", 3)):
+        scored = json.loads((runner.results_dir(study, arm, 0) / "tasks.json").read_text())["tiny_choice"]
+        assert scored["n"] == n and len(scored["correct"]) == n
+        assert scored["acc"] == sum(scored["correct"]) / n
 
     def fail(*args):
         raise AssertionError("a finished unit ran again")

@@ -232,7 +232,7 @@ def score_task(model: torch.nn.Module, tokenizer, task: str, limit: int | None =
                 norm = [ll / len(c) for ll, c in zip(lls, item["choices"], strict=True)]
                 acc_norm.append(float(max(range(len(norm)), key=lambda j: norm[j]) == gold))
         if keep_items:
-            per_item.append({"loglikelihoods": lls, "greedy": [s[1] for s in scored[a:b]]})
+            per_item.append({"loglikelihoods": lls, "greedy": [s[1] for s in scored[a:b]], "correct": acc[-1]})
     result = {"task": Path(task).stem, "path": str(path), "shape": shape, "n": n, "num_fewshot": num_fewshot,
               "acc": sum(acc) / n, "acc_stderr": _stderr(acc)}
     if acc_norm:
