@@ -14,7 +14,7 @@ evaluations and checkpoints kept (one evaluation every 4 steps, 4 checkpoints pe
 over 60% of the prune stage); recipes alternate within each round, so every recipe sees the same machine load.
 Startup, data loading and the calibration pass are in every stage's time, as in the demo (the L0 recipe
 calibrates too: its masks are importance-initialised). The figures are each stage's median wall seconds and
-their ratio to the `l0` recipe (the demo's recipe until issue 11 chose one-shot), as measured, and projected to
+their ratio to the `l0` recipe (the demo's recipe until one-shot was chosen), as measured, and projected to
 the demo's 100 + 60 steps: each stage's fixed part (wall time minus its training loop) plus its loop (steps,
 evaluations, checkpoints; the metrics' elapsed_s) scaled to the demo's step count. Equal shortened stages
 weigh the continued stage more than the demo does. Nothing else may run meanwhile.

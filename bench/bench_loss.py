@@ -1,6 +1,6 @@
 """The distillation loss alone: cross-entropy + KL to the teacher fused (`loss.nll_and_kl`, one log-softmax
 per chunk) against each on its own (`nll_from_logits`, then the KL from two full log-softmaxes, as the loss
-was computed before issue 11's fused path), forward + backward, side by side in one process (issue 11).
+was computed before the fused path), forward + backward, side by side in one process.
 
     .venv/bin/python bench/bench_loss.py [--batch 4] [--seq 256] [--vocab 49152] [--rounds 5] [--dtype bf16]
 

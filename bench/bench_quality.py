@@ -1,4 +1,4 @@
-"""Pruned-model quality at the demo's shape and budget, variant by variant, side by side (issue 11).
+"""Pruned-model quality at the demo's shape and budget, variant by variant, side by side.
 
     .venv/bin/python bench/bench_quality.py [--corpora embedded redpajama] [--seeds 0 1]
         [--variants uniform fixes importance distill oneshot] [--out runs/quality]
@@ -11,8 +11,8 @@ reruns the same command and resumes where it stopped; finished runs are skipped.
 rewritten from every finished run's metrics.jsonl (nothing is computed twice), so partial tables are valid.
 
 Variants (overrides of the demo's two stages, each pinning method, lr and distillation; the teacher is SmolLM2):
-- l0:         the demo's recipe before issue 11 chose one-shot (L0 masks, importance init, lr 1e-4, then 5e-4)
-- uniform:    as before issue 11 (uniform init, the weights' lr schedule for masks, one mask sample per
+- l0:         the demo's recipe before one-shot was chosen (L0 masks, importance init, lr 1e-4, then 5e-4)
+- uniform:    as before the recipe study (uniform init, the weights' lr schedule for masks, one mask sample per
               micro-batch); the fixes that have no switch (tie keys, eval masks) are in every variant
 - fixes:      uniform init with the new defaults (constant mask lr, per-sequence samples) and 20 hardening steps
 - importance: + importance-initialised masks (the library default) and 20 hardening steps
@@ -68,12 +68,12 @@ SRCREF = ["mixing.method=dro", "mixing.dynamic_ratio=true"]
 SMOLLM2_EMBEDDED = "[1.2490607795592024,2.949574040046558,2.408348683203668]"  # python-source, docs, licenses
 HIDDEN = ["pruning.structures=[layer,head,intermediate,hidden]", "pruning.target.hidden_size=480"]
 # every variant pins method, lr and distillation, so it means the same whatever the demo configs' defaults are:
-# L0 / L0_CPT are the demo's stages before issue 11 chose one-shot (learnt masks at lr 1e-4, continued at 5e-4)
+# L0 / L0_CPT are the demo's stages before one-shot was chosen (learnt masks at lr 1e-4, continued at 5e-4)
 L0 = ["pruning.method=l0", "train.lr=1e-4", "train.distill.weight=0"]
 L0_CPT = ["train.lr=5e-4", "train.distill.weight=0"]
 ONESHOT = ["pruning.method=importance", "train.lr=5e-4"]  # nothing to learn in the masks: the weights' lr
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {  # (prune overrides, continued-pretraining overrides)
-    "l0": (L0, L0_CPT),  # the demo until issue 11's choice (importance init, one mask sample per micro-batch)
+    "l0": (L0, L0_CPT),  # the demo until one-shot was chosen (importance init, one mask sample per micro-batch)
     "uniform": ([*L0, "pruning.init=uniform", "pruning.mask_schedule=follow", "pruning.mask_samples=micro_batch"],
                 L0_CPT),
     "fixes": ([*L0, "pruning.init=uniform", *HARDEN, *SEQ], L0_CPT),
