@@ -65,7 +65,7 @@ def largest_rise(unit: dict) -> float | None:
     mask = unit["mask"]["records"]
     start = max(ramp_end(mask), 1)  # step 0 evaluates the source, before any cut
     seq = [r["mean_loss"] for r in evals(mask) if r["step"] >= start]
-    seq += [r["mean_loss"] for r in evals(unit["train"]["records"])]
+    seq += [r["mean_loss"] for r in evals(unit["train"]["records"])] if "train" in unit else []
     return max(b - a for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
 
 
@@ -96,6 +96,18 @@ def row(arm: str, units: dict[int, dict], share: str) -> list[str]:
             pm([export_gap(u) for u in values]), pm([largest_rise(u) for u in values]),
             pm([train_seconds(u) for u in values], 0), pm([flops(u) / 1e15 for u in values], 2)]
 
+
+def sweep_row(arm: str, units: dict[int, dict]) -> list[str]:
+    values = list(units.values())
+    after = [summary(u["mask"]["heldout"]) for u in values]
+    only_mask = [{"mask": u["mask"]} for u in values]  # the rise within the mask phase, as for a sweep
+    return [arm, str(len(values)), pm([a["mean"] for a in after]), pm([a["worst"] for a in after]),
+            pm([export_gap(u) for u in values]), pm([largest_rise(u) for u in only_mask]),
+            pm([train_seconds({"mask": u["mask"]}) for u in values], 0)]
+
+
+SWEEP_HEADER = ["arm", "seeds", "after mask: mean", "after mask: worst", "export gap", "largest rise (mask phase)",
+                "mask phase s"]
 
 HEADER = ["arm", "L0 share", "seeds", "after mask: mean", "after mask: worst", "end: mean", "end: worst",
           "end: spread", "export gap", "largest rise", "training s", "PFLOPs"]
@@ -159,7 +171,7 @@ def docs_table(results: dict) -> str:
     for total in TOTALS:
         base = results.get(f"t{total}_oneshot", {})
         for arm, units in results.items():
-            if not arm.startswith(f"t{total}_"):
+            if not arm.startswith(f"t{total}_") or "sweep" in arm:  # sweeps stop after the mask phase
                 continue
             ends = {s: summary(u[list(u)[-1]]["heldout"]) for s, u in units.items()}
             paired = [ends[s]["worst"] - summary(base[s]["train"]["heldout"])["worst"] for s in ends if s in base]
@@ -187,6 +199,11 @@ def main() -> None:
     if variants:
         rows = [row(a, results[a], "35%") for a in ["t250_l0_35", *variants] if a in results]
         text.append("### L0 variants, T = 250, 35% mask phase\n\n" + md_table(HEADER, rows))
+    sweeps = [a for a in spec["arms"] if a.startswith("t250_sweep_") and a in results]
+    if sweeps:  # the mask phase alone: 88 steps and the exact cut; against the whole arms' mask phases
+        rows = [sweep_row(a, results[a]) for a in ["t250_l0_35", *variants, *sweeps] if a in results]
+        text.append("### Mask-phase sweeps, T = 250, 35% (88 steps, then the exact cut)\n\n"
+                    + md_table(SWEEP_HEADER, rows))
     status = [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
               for seed in spec["seeds"] for arm in spec["arms"]]
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
