@@ -26,7 +26,7 @@ from tables import all_results, load_study, md_table, pm, summary, write_between
 TOTALS = (250, 1000)
 DOCS = HERE.parents[1] / "docs" / "pruning.md"  # its summary table, between markers
 EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
-SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_60": 0.6}
+SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_60": 0.6, "tuned_15": 0.15, "tuned_35": 0.35}
 
 
 def evals(records: list[dict]) -> list[dict]:
@@ -148,7 +148,7 @@ def evidence(results: dict) -> dict:
     for total in TOTALS:
         base = results.get(f"t{total}_oneshot", {})
         end = {arm: {seed: summary(u[list(u)[-1]]["heldout"])["worst"] for seed, u in units.items()}
-               for arm, units in results.items() if arm.startswith(f"t{total}_l0")}
+               for arm, units in results.items() if arm.startswith((f"t{total}_l0", f"t{total}_tuned"))}
         candidates = [(statistics.fmean(w[s] for s in seeds), arm, seeds) for arm, w in end.items()
                       if len(seeds := sorted(set(w) & set(base))) >= 2]
         if not candidates:
