@@ -52,15 +52,15 @@ def compile_pays(params: float, tokens_per_step: int, steps: int, device: torch.
 
 def use_compile(setting: bool | str, device: torch.device, params: float, tokens_per_step: int, steps: int,
                 teacher_params: float = 0.0, world: int = 1) -> bool:
-    """The `train.compile` decision; `true` without a C++ compiler on a CPU is a ConfigError. `auto` leaves
-    multi-process runs eager: a compiled 2-rank FSDP pruning run's log-alphas drifted 4% (of their norm) from
-    the one-process run's in 4 steps, against 0.8% eager (tests/integration/test_distributed.py)."""
+    """The `train.compile` decision; `true` without a C++ compiler on a CPU is a ConfigError. `auto` decides
+    for a multi-process run as for one process (per process: its share of the tokens), so it is checked under
+    DDP and FSDP2 (tests/integration/test_distributed.py)."""
     check_available(setting, device)
     if setting is True:
         return True
-    if setting is False or world > 1 or (device.type == "cpu" and not have_compiler()):
+    if setting is False or (device.type == "cpu" and not have_compiler()):
         return False
-    return compile_pays(params, tokens_per_step, steps, device, teacher_params)
+    return compile_pays(params, tokens_per_step // max(1, world), steps, device, teacher_params)
 
 
 def check_available(setting: bool | str, device: torch.device) -> None:
