@@ -2,7 +2,7 @@
 
 import pytest
 
-from drpruning.plan.recommend import at_par, recommend
+from drpruning.plan.recommend import at_par, l0_wins, recommend
 
 
 def point(tpp, one, l0, arm="t_l0_35"):
@@ -11,21 +11,23 @@ def point(tpp, one, l0, arm="t_l0_35"):
 
 
 LOSING = point(0.004, [3.30, 3.34], [3.60, 3.70])  # +0.33 nats, seed ranges 0.04 / 0.10
-PAR = point(0.015, [3.10, 3.20], [3.15, 3.22])  # +0.035 nats, within the 0.10 range
+PAR = point(0.010, [3.10, 3.20], [3.15, 3.22])  # +0.035 nats, within the 0.10 range
+WINNING = point(0.015, [3.10, 3.14], [2.90, 2.95])  # -0.195 nats, beyond the 0.05 range
 
 
-def test_at_par_means_within_the_larger_seed_range():
-    assert not at_par(LOSING) and at_par(PAR)
-    assert at_par(point(0.01, [3.0, 3.0], [2.9, 2.95]))  # better outright
+def test_at_par_means_within_the_larger_seed_range_and_winning_beyond_it():
+    assert not at_par(LOSING) and at_par(PAR) and at_par(WINNING)
+    assert not l0_wins(LOSING) and not l0_wins(PAR) and l0_wins(WINNING)
 
 
 @pytest.mark.parametrize("tpp,method,says", [
-    (0.002, "importance", "+0.330 nats [+0.300, +0.360] over 2 seeds"),
-    (0.010, "importance", "+0.330 nats"),  # nearest measured budget below it
-    (0.020, "l0", "reach one-shot + KD"),
+    (0.002, "importance", "ended behind one-shot + KD, which costs less: +0.330 nats [+0.300, +0.360] over 2"),
+    (0.008, "importance", "ended behind"),  # the nearest measured budget below it
+    (0.012, "importance", "matched one-shot + KD, which costs less: +0.035"),  # at par is not a win
+    (0.020, "l0", "beat one-shot + KD on worst-domain loss from there: -0.195"),
 ])
 def test_recommendation_follows_the_crossover(tpp, method, says):
-    m, why = recommend(int(tpp * 1e8), 100_000_000, {"points": [PAR, LOSING]})
+    m, why = recommend(int(tpp * 1e8), 100_000_000, {"points": [PAR, LOSING, WINNING]})
     assert m == method and says in why, why
     assert f"{tpp:.4f} tokens/parameter" in why
 
