@@ -298,7 +298,7 @@ class Pruner(nn.Module):
         independent sample per sequence, stacked on a new leading dimension."""
         lead = () if batch is None else (batch,)
         if self.deterministic:  # no noise: the gate itself
-            return {s: torch.where(self.protected(s), 1.0, self._keep(a)) for s, a in self.log_alpha.items()}
+            return self.probabilities()
         return {s: torch.where(self.protected(s), 1.0,
                                sample_hard_concrete(a.expand(*lead, *a.shape), self._gen(a.device)))
                 for s, a in self.log_alpha.items()}
