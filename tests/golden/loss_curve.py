@@ -53,7 +53,8 @@ def run(root: Path) -> dict:
         prune = ["prune", f"run_dir={root / 'prune'}", f"model.source={model}", "train.steps=20",
                  "pruning.target.num_hidden_layers=2", "pruning.target.hidden_size=24",
                  "pruning.target.intermediate_size=32", "pruning.target.num_attention_heads=2",
-                 "pruning.target.num_key_value_heads=1", "pruning.lagrangian_warmup_steps=8", *common]
+                 "pruning.target.num_key_value_heads=1", "pruning.lagrangian_warmup_steps=8", "pruning.method=l0",
+                 *common]
         if main(prune) != 0:
             raise RuntimeError("golden pruning run failed")
         cpt = ["train", f"run_dir={root / 'cpt'}", f"model.source={root / 'prune' / 'model'}", "train.steps=10",

@@ -27,7 +27,7 @@ def one_step(checkpointing: bool, prune: bool, kind: str = "llama") -> dict:
     model.config.use_cache = False  # as the trainer sets it
     pruner, samples = None, []
     if prune:
-        pruner = Pruner(model.config, PruningConfig(enabled=True, target=TARGET), total_steps=10)
+        pruner = Pruner(model.config, PruningConfig(enabled=True, method="l0", target=TARGET), total_steps=10)
         pruner.seed(3)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # log-alphas near 0: masks strictly inside (0, 1), every mask gets a gradient
@@ -80,7 +80,7 @@ def test_trainer_enables_it_on_every_layer_and_a_step_is_unchanged(tmp_path):
     records, params = [], []
     for on in (False, True):
         items = overrides(tmp_path / str(on), model_dir, **{"train.activation_checkpointing": str(on).lower(),
-                                                            "pruning.enabled": "true",
+                                                            "pruning.enabled": "true", "pruning.method": "l0",
                                                             "pruning.target": str(TARGET).replace("'", "")})
         trainer = Trainer(load_config(None, items))
         assert all(layer.gradient_checkpointing is on for layer in decoder_layers(trainer.model))

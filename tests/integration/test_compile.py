@@ -11,8 +11,8 @@ from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
 
 STEPS = 20
-PRUNE = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
-         "pruning.lagrangian_warmup_steps=5"]
+PRUNE = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
+         "pruning.target.intermediate_size=32", "pruning.lagrangian_warmup_steps=5"]
 ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
             "train.distill.weight=0.5", "train.distill.temperature=2.0"]
 

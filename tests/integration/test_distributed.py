@@ -35,8 +35,8 @@ TARGET = "{num_hidden_layers: 2, num_key_value_heads: 1, intermediate_size: 24, 
 COMMON = {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2, "mixing.method": "drpruning",
           "train.dtype": "float32"}
 # one mask sample per micro-batch (the default, not per sequence), so that the comparison below can be exact
-PRUNE = {**COMMON, "pruning.enabled": "true", "pruning.target": TARGET, "pruning.lagrangian_warmup_steps": 1,
-         "pruning.mask_samples": "micro_batch"}
+PRUNE = {**COMMON, "pruning.enabled": "true", "pruning.method": "l0", "pruning.target": TARGET,
+         "pruning.lagrangian_warmup_steps": 1, "pruning.mask_samples": "micro_batch"}
 
 # Under torchrun: each rank samples hard-concrete masks from its own seed (seed * 1000 + rank), a different
 # stochastic estimate than one process drawing one sample per step. Giving every rank rank 0's seed makes the

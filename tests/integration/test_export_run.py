@@ -10,9 +10,9 @@ from drpruning.cli import main
 from drpruning.config import ConfigError, load_config
 from drpruning.training.trainer import Trainer
 
-TARGET = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.hidden_size=24",
-          "pruning.target.intermediate_size=32", "pruning.target.num_attention_heads=2",
-          "pruning.target.num_key_value_heads=1"]
+TARGET = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
+          "pruning.target.hidden_size=24", "pruning.target.intermediate_size=32",
+          "pruning.target.num_attention_heads=2", "pruning.target.num_key_value_heads=1"]
 
 
 def test_export_from_checkpoint_equals_final_model(tmp_path):

@@ -195,7 +195,7 @@ def test_written_files_follow_the_umask(tmp_path, model_dir):
     old = os.umask(0o022)
     try:
         ov = overrides(tmp_path, model_dir, **{"train.steps": 2})
-        ov += ["pruning.enabled=true", "pruning.target.num_hidden_layers=2"]
+        ov += ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2"]
         Trainer(load_config(None, ov)).run()
     finally:
         os.umask(old)

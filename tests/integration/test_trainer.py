@@ -127,14 +127,16 @@ Trainer(load_config(None, sys.argv[2:])).run()
 """
 
 
-NEW_OPTIONS = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
-               "pruning.init=one_shot", "pruning.protect={hidden: [3]}", "pruning.mask_schedule=constant",
+NEW_OPTIONS = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
+               "pruning.target.intermediate_size=32", "pruning.init=one_shot", "pruning.protect={hidden: [3]}",
+               "pruning.mask_schedule=constant",
                "train.distill.weight=0.5", "train.distill.temperature=2.0", "mixing.outlier_nats=0.5",
                "train.activation_checkpointing=true", "log.tensorboard=true", "pruning.mask_samples=sequence"]
 
 
-DETERMINISTIC = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.gates=deterministic",
-                 "pruning.init=one_shot", "pruning.hardening_steps=2", "train.distill.weight=0.5"]
+DETERMINISTIC = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
+                 "pruning.gates=deterministic", "pruning.init=one_shot", "pruning.hardening_steps=2",
+                 "train.distill.weight=0.5"]
 
 
 ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target.num_hidden_layers=2",
@@ -190,7 +192,7 @@ def _as_format_1(folder: Path) -> None:
 
 @pytest.mark.parametrize("pruning", [False, True], ids=["train", "prune"])
 def test_run_directory_of_the_previous_format_resumes_exactly(tmp_path, model_dir, pruning):
-    extra = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2"] if pruning else []
+    extra = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2"] if pruning else []
     common = {"mixing.method": "drpruning", "train.keep_checkpoints": 3}
     Trainer(load_config(None, overrides(tmp_path / "a", model_dir, **common) + extra)).run()
     expected = strip(read_metrics(tmp_path / "a" / "run" / "metrics.jsonl"))
@@ -244,7 +246,8 @@ def before_each_step(trainer: Trainer, take) -> dict:
 
 def test_hardening_trains_weights_under_the_exact_masks(tmp_path, model_dir):
     ov = overrides(tmp_path, model_dir, **{"train.steps": 6, "train.eval_every": 1}) + [
-        "pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.target.intermediate_size=32",
+        "pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
+        "pruning.target.intermediate_size=32",
         "pruning.hardening_steps=3"]
     trainer = Trainer(load_config(None, ov))
     seen = before_each_step(trainer, lambda: {k: v.detach().clone() for k, v in trainer.pruner.log_alpha.items()})
@@ -264,7 +267,7 @@ def test_learnt_masks_are_evaluated_where_hardening_starts(tmp_path, model_dir):
     """The last learnt (expected-size) masks get an evaluation of their own, the base of the export gap, even
     when it falls between two `eval_every` steps."""
     ov = overrides(tmp_path, model_dir, **{"train.steps": 6, "train.eval_every": 4}) + [
-        "pruning.enabled=true", "pruning.target.num_hidden_layers=2", "pruning.hardening_steps=3"]
+        "pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2", "pruning.hardening_steps=3"]
     trainer = Trainer(load_config(None, ov))
     trainer.run()
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]

@@ -51,7 +51,7 @@ def test_prune_default_model_exports_a_loadable_compact_model(shared_dir, defaul
     target = {"num_hidden_layers": 26, "hidden_size": 384, "num_attention_heads": 6, "num_key_value_heads": 2,
               "intermediate_size": 1024}
     cli("prune", f"run_dir={run}", f"model.source={default_model_dir}", "train.steps=4",
-        "pruning.lagrangian_warmup_steps=2", "mixing.method=drpruning", "train.dtype=float32",
+        "pruning.method=l0", "pruning.lagrangian_warmup_steps=2", "mixing.method=drpruning", "train.dtype=float32",
         # 4 steps to a third less hidden size leave a broken model (above the uniform loss), which the run
         # rightly refuses to export; this test is about the export's mechanics, so it insists
         "force=true",

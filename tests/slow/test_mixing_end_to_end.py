@@ -44,7 +44,7 @@ def test_mixing_methods_on_real_data(shared_dir, default_model_dir, tmp_path, se
              # pure bf16 halves the checkpoint bytes on disk, but only CPUs with native bf16 run it fast
              f"model.dtype={'bfloat16' if cpu_has_fast_bf16() else 'float32'}"]
     if stage == "prune":
-        items += ["pruning.enabled=true", "pruning.structures=[layer,head,intermediate]",
+        items += ["pruning.enabled=true", "pruning.method=l0", "pruning.structures=[layer,head,intermediate]",
                   "pruning.target.num_hidden_layers=28", "pruning.target.intermediate_size=1280"]
     Trainer(load_config(None, items)).run()
     mixes = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "mix"]

@@ -91,7 +91,7 @@ def test_activation_formula_with_the_pruning_masks(structures, dtypes):
     weights, compute = dtypes
     model = tiny_model("llama", dtype=weights).train()
     model.config.use_cache = False
-    cfg = PruningConfig(enabled=True, structures=list(structures),
+    cfg = PruningConfig(enabled=True, method="l0", structures=list(structures),
                         target={"num_key_value_heads": 1} if "head" in structures else {"intermediate_size": 16})
     pruner = Pruner(model.config, cfg, 10, "cpu")
     attach(model, pruner)
@@ -136,7 +136,8 @@ def offline(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["prune-llama2-7b-1.3b", "prune-llama2-7b-2.7b", "prune-qwen2-7b-1.5b",
-                                  "prune-llama3.1-8b-4b", "prune-qwen2.5-7b-3b"])
+                                  "prune-llama3.1-8b-4b", "prune-qwen2.5-7b-3b", "paper/prune-llama2-7b-1.3b",
+                                  "paper/prune-llama2-7b-2.7b", "paper/prune-qwen2-7b-1.5b"])
 def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     plan = make_plan(cfg, world=8, memory_gb=80)
@@ -145,9 +146,10 @@ def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
 
 
 def test_one_shot_plans_the_compact_model_with_the_source_resident(offline):
-    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"
-    l0 = make_plan(load_config(path), world=8, memory_gb=80)
-    plan = make_plan(load_config(path, ["pruning.method=importance"]), world=8, memory_gb=80)
+    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"  # one-shot + distillation from the source
+    l0 = make_plan(load_config(ROOT / "configs" / "paper" / "prune-llama2-7b-1.3b.yaml"), world=8, memory_gb=80)
+    plan = make_plan(load_config(path), world=8, memory_gb=80)
+    assert plan.config.num_hidden_layers == l0.config.num_hidden_layers  # the same source
     config = l0.config
     compact = derive_config(config, resolve_target(config, load_config(path).pruning))
     setup = replace(plan.setup, structures=(), distill=True)  # no masks; the 7B source held as the teacher
@@ -165,7 +167,7 @@ def test_fsdp_paper_plan_counts_no_autocast_copies(offline):
 
 
 def test_per_sequence_masks_are_named_as_uncounted_memory(offline):
-    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"
+    path = ROOT / "configs" / "paper" / "prune-llama2-7b-1.3b.yaml"  # learnt masks
     assert not any("mask_samples" in w for w in make_plan(load_config(path), world=8, memory_gb=80).warnings)
     plan = make_plan(load_config(path, ["pruning.mask_samples=sequence"]), world=8, memory_gb=80)
     assert any("mask_samples=sequence" in w for w in plan.warnings)

@@ -104,11 +104,15 @@ def test_paper_shapes_resolve():
     "name", ["prune-llama2-7b-1.3b.yaml", "prune-llama2-7b-2.7b.yaml", "prune-qwen2-7b-1.5b.yaml"]
 )
 def test_paper_configs_load(name):
-    cfg = load_config(CONFIGS / name, ["run_dir=x"])
-    assert cfg.pruning.enabled and cfg.train.steps == 3200 and cfg.train.batch_size == 32
-    assert cfg.data.seq_len == 4096 and cfg.train.eval_every == 50
-    assert cfg.pruning.lagrangian_warmup_steps == 640 and cfg.mixing.method == "drpruning"
-    assert cfg.train.lr == pytest.approx(1e-4)
+    paper = load_config(CONFIGS / "paper" / name, ["run_dir=x"])  # the paper's learnt masks, as published
+    assert paper.pruning.enabled and paper.train.steps == 3200 and paper.train.batch_size == 32
+    assert paper.data.seq_len == 4096 and paper.train.eval_every == 50
+    assert paper.pruning.method == "l0" and paper.pruning.mask_lr == 1.0
+    assert paper.pruning.lagrangian_warmup_steps == 640 and paper.mixing.method == "drpruning"
+    assert paper.train.lr == pytest.approx(1e-4)
+    cfg = load_config(CONFIGS / name, ["run_dir=x"])  # the recipe the equal-token study supports
+    assert cfg.pruning.method == "importance" and cfg.train.distill.weight == 0.5
+    assert (cfg.pruning.target, cfg.data, cfg.mixing) == (paper.pruning.target, paper.data, paper.mixing)
 
 
 @pytest.mark.parametrize("mode", ["kv_group", "query"])

@@ -55,7 +55,8 @@ def prepared(kind, subset, mode, seed=0):
         for p in model.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-    cfg = PruningConfig(enabled=True, target=target_for(model, kind, subset, mode), structures=subset, head_mode=mode)
+    cfg = PruningConfig(enabled=True, method="l0", target=target_for(model, kind, subset, mode), structures=subset,
+                        head_mode=mode)
     pruner = Pruner(model.config, cfg, total_steps=10)
     with torch.no_grad():  # random log_alphas: soft values well below 1, so folding is really exercised
         for p in pruner.log_alpha.values():
@@ -107,7 +108,7 @@ def test_source_untouched_tied_stays_tied_and_unscaled(tmp_path):
 
 def _export_keeping_layers(model, gates, out):
     """Export with only layer pruning and the given layer gates; (compact model, masked logits, input)."""
-    cfg = PruningConfig(enabled=True, target={"num_hidden_layers": 2}, structures=["layer"])
+    cfg = PruningConfig(enabled=True, method="l0", target={"num_hidden_layers": 2}, structures=["layer"])
     pruner = Pruner(model.config, cfg, 10)
     with torch.no_grad():
         pruner.log_alpha["layer"].copy_(torch.tensor(gates))

@@ -34,7 +34,8 @@ def pruner_for(model, mode="kv_group", structures=ALL) -> Pruner:
         }[k]
         in structures
     }
-    pruner = Pruner(model.config, PruningConfig(enabled=True, target=target, head_mode=mode, structures=structures), 10)
+    cfg = PruningConfig(enabled=True, method="l0", target=target, head_mode=mode, structures=structures)
+    pruner = Pruner(model.config, cfg, 10)
     pruner.handle = attach(model, pruner)
     return pruner
 
@@ -130,7 +131,7 @@ def test_bf16_autocast_keeps_residual_dtype():
 def test_unsupported_architecture_is_named():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64))
     with pytest.raises(ConfigError, match="llama, qwen2, mistral"):
-        Pruner(gpt2.config, PruningConfig(enabled=True, target={"hidden_size": 8}), 10)
+        Pruner(gpt2.config, PruningConfig(enabled=True, method="l0", target={"hidden_size": 8}), 10)
 
 
 def _reference_linear(x, w, b, zo, zin):
@@ -233,10 +234,10 @@ def test_per_sequence_masks_equal_each_sequence_alone_with_its_sample(kind, mode
 
 def test_per_sequence_samples_follow_the_config():
     model = tiny_model("llama")
-    per_batch = Pruner(model.config, PruningConfig(enabled=True, target={"intermediate_size": 24},
+    per_batch = Pruner(model.config, PruningConfig(enabled=True, method="l0", target={"intermediate_size": 24},
                                                    structures=["intermediate"], mask_samples="micro_batch"), 10)
     assert prepare_masks(per_batch.train(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)
-    per_seq = Pruner(model.config, PruningConfig(enabled=True, target={"intermediate_size": 24},
+    per_seq = Pruner(model.config, PruningConfig(enabled=True, method="l0", target={"intermediate_size": 24},
                                                  structures=["intermediate"], mask_samples="sequence"), 10)
     assert prepare_masks(per_seq.train(), 4)["intermediate"][0].shape == (4, model.config.intermediate_size)
     assert prepare_masks(per_seq.eval(), 4)["intermediate"][0].shape == (model.config.intermediate_size,)

@@ -28,6 +28,7 @@ QUERY_TARGET = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_
 def make(mode="kv_group", structures=ALL, steps=100, target=None, **kw):
     model = tiny_model("llama")
     target = target or (TARGET if mode == "kv_group" else QUERY_TARGET)
+    kw.setdefault("method", "l0")  # the learnt masks, unless a test asks for the one-shot cut
     cfg = PruningConfig(enabled=True, target=target, head_mode=mode, structures=list(structures), **kw)
     return model, Pruner(model.config, cfg, steps)
 

@@ -38,7 +38,7 @@ def test_masks_are_constant_after_their_own_warmup(mask_warmup):
     """`constant`: both mask groups rise linearly over the mask warmup (default: a quarter of the Lagrangian
     warmup, which is 20% of the run) and then stay at their peak; the weights follow warmup + cosine."""
     t = TrainConfig(steps=100, warmup_fraction=0.1, min_lr_ratio=0.1)
-    p = PruningConfig(enabled=True, mask_schedule="constant", mask_warmup_steps=mask_warmup)
+    p = PruningConfig(enabled=True, method="l0", mask_schedule="constant", mask_warmup_steps=mask_warmup)
     sched = build_schedulers(optimizers(), t, p)
     w = mask_warmup if mask_warmup is not None else 5  # 0.25 x round(0.2 x 100)
     for step, (m, lam) in enumerate(lrs(sched["masks"], 100)):
@@ -50,6 +50,6 @@ def test_masks_are_constant_after_their_own_warmup(mask_warmup):
 
 def test_masks_follow_the_weights_schedule_when_asked():
     t = TrainConfig(steps=60, warmup_fraction=0.25, min_lr_ratio=0.0)
-    sched = build_schedulers(optimizers(), t, PruningConfig(enabled=True, mask_schedule="follow"))
+    sched = build_schedulers(optimizers(), t, PruningConfig(enabled=True, method="l0", mask_schedule="follow"))
     for step, (m, lam) in enumerate(lrs(sched["masks"], 60)):
         assert (m, lam) == pytest.approx((0.1 * cosine(step, 60, 15, 0.0), 0.2 * cosine(step, 60, 15, 0.0))), step
