@@ -110,7 +110,8 @@ def heldout(spec: dict, model_dir: Path, out: Path, extra: dict) -> None:
     from drpruning.evaluation.perplexity import domain_losses
     from drpruning.loss import autocast_dtype
 
-    data = load_config(str(spec["dir"] / spec["base"]), [f"run_dir={out.parent}"]).data
+    # only the data section is read: pruning off, so that a base whose target is set per arm still loads
+    data = load_config(str(spec["dir"] / spec["base"]), [f"run_dir={out.parent}", "pruning.enabled=false"]).data
     start = time.perf_counter()
     corpus = load_corpus(data, AutoTokenizer.from_pretrained(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

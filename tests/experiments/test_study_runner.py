@@ -26,7 +26,8 @@ def study(tmp_path, monkeypatch):
         "train": {"batch_size": 4, "micro_batch_size": 2, "dtype": "float32", "eval_every": 2,
                   "checkpoint_every": 2, "lr": 1e-3, "eval_batch_size": 2, "distill": {"weight": 0.5}},
         "mixing": {"method": "drpruning"},
-        "pruning": {"enabled": True, "method": "importance", "target": {"num_hidden_layers": 2}}}))
+        # the target is set per arm, as a study of shapes does: the base alone does not validate
+        "pruning": {"enabled": True, "method": "importance"}}))
     # the l0 arm's second stage starts from its own config, as a study of the demo's two configs does
     (folder / "cpt.yaml").write_text(json.dumps({
         "data": {"domains": domains, "seq_len": 32, "eval_sequences": 3, "cache_dir": str(tmp_path / "cache")},
@@ -39,8 +40,9 @@ def study(tmp_path, monkeypatch):
     (folder / "study.yaml").write_text(json.dumps({
         "base": "base.yaml", "source": str(model), "seeds": [0],
         "tasks": {"dir": "tasks", "names": ["tiny_choice"], "items": 3, "items_for": {"oneshot": 5}},
-        "arms": {"oneshot": [{"stage": "train", "overrides": ["train.steps=4"]}],
+        "arms": {"oneshot": [{"stage": "train", "overrides": ["train.steps=4", "pruning.target.num_hidden_layers=2"]}],
                  "l0": [{"stage": "mask", "overrides": ["pruning.method=l0", "train.steps=4",
+                                                         "pruning.target.num_hidden_layers=2",
                                                          "pruning.lagrangian_warmup_steps=2"]},
                         {"stage": "train", "config": "cpt.yaml", "overrides": ["train.steps=2"]}]}}))
     monkeypatch.setattr(runner, "RUNS", tmp_path / "runs")
