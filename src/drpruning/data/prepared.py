@@ -6,8 +6,9 @@ A prepared domain is a folder `<cache>/<domain>-<key>/` holding
 - `eval.bin`: the held-out sequences, already cut to [eval_sequences, seq_len];
 - `index.json`: format, source files, tokenizer fingerprint, dtype, documents and tokens per split, and the
   held-out text's bytes and characters (for bits per byte).
-The key hashes the source files (path, size, modification time), the tokenizer and the split settings, so
-changed files or another tokenizer get a new folder: prepared tokens are never mixed. A folder is built under
+The key hashes the source files (path, size, the first and last 64 KiB), the tokenizer and the split
+settings, so changed files or another tokenizer get a new folder: prepared tokens are never mixed, and a copy
+of the same files with new modification times reuses them. A folder is built under
 `<folder>.partial/` and renamed when complete; a killed build resumes from its last progress record. One
 process builds (it holds `<folder>.lock`); the others (ranks, nodes, a second `prepare`) wait for it.
 """
@@ -85,10 +86,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+SAMPLE_BYTES = 1 << 16  # of each file's head and tail in the key
+
+
+def file_signature(path: Path) -> str:
+    """Path, size and a digest of the file's first and last 64 KiB: a copy (new modification time, same bytes)
+    keeps its prepared tokens, an edit or an append gets new ones, and a start never reads whole files."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return f"{path}:{size}:{digest.hexdigest()[:16]}"
+
+
 def source_files(source: str) -> list[str]:
     if source.startswith("hf:"):
         return [source]
-    return [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in list_files(source)]
+    return [file_signature(p) for p in list_files(source)]
 
 
 def domain_folder(name: str, source: str, tokenizer, cfg: DataConfig) -> Path:

@@ -153,6 +153,20 @@ def test_changed_files_get_a_new_folder_and_another_tokenizer_is_refused(tmp_pat
     assert len(direct.train[0]) == json.loads((first / "index.json").read_text())["tokens"]["train"] // 16
 
 
+def test_a_copy_with_new_times_reuses_the_tokens_and_an_edit_of_the_same_size_does_not(tmp_path):
+    tok, folder = tiny_tokenizer(), _write_jsonl(tmp_path / "d", _docs(3000))
+    cfg = _cfg(tmp_path, folder)
+    path = folder / "part.jsonl"
+    assert path.stat().st_size > 2 * prep.SAMPLE_BYTES  # the middle of the file is outside the key
+    first = prep.prepare_domain("d", str(folder), tok, cfg)
+    os.utime(path, ns=(1, 1))  # as a copy or a remount leaves it: same bytes, another modification time
+    assert prep.prepare_domain("d", str(folder), tok, cfg) == first
+    data = bytearray(path.read_bytes())
+    data[-10] = ord("Z") if data[-10] != ord("Z") else ord("Y")  # in the last document's text: same size
+    path.write_bytes(bytes(data))
+    assert prep.prepare_domain("d", str(folder), tok, cfg) != first
+
+
 def test_a_stale_lock_of_a_dead_builder_is_taken_over(tmp_path):
     import socket
     import subprocess
