@@ -6,8 +6,10 @@ Three steps, each forward + backward + AdamW under bf16 autocast, with the train
   pruning   the source with L0 masks attached (the demo's target; one mask sample per micro-batch);
   one-shot  the demo's compact shape (24 layers, 6 / 2 heads, FFN 1024; random weights: speed does not depend on
             them) trained on half cross-entropy, half KL to the frozen source (temperature 2).
-Each model's decoder layers and the loss's per-chunk kernels are compiled as the trainer compiles them; eager
-steps run the same modules under `torch.compiler.set_stance("force_eager")`. The first compiled step (which
+Each model's decoder layers and the loss's per-chunk kernels are compiled as the trainer compiles them (on a
+CPU at up to 256 tokens a sequence the trained models' attention as matmul, softmax, matmul); eager steps
+run the same modules as `train.compile=false` does: under `torch.compiler.set_stance("force_eager")`, with
+the default attention kernel. The first compiled step (which
 compiles; inductor's on-disk cache makes it shorter on a second run) is timed on its own; then each round runs
 an eager and a compiled step of every kind back to back, so machine noise hits both alike, and the ratio of each
 such pair is taken: its median and range over the rounds are the figure. MFU is model FLOPs/s over the
@@ -54,10 +56,23 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, device: torch.device,
     return step
 
 
-def timed(step: Callable[[], None], device: torch.device, eager: bool) -> float:
+@contextlib.contextmanager
+def uncompiled(model: torch.nn.Module):
+    """The step as `train.compile=false` runs it: no compiled code, and the default attention kernel (a
+    compiled CPU model at short sequences runs matmul, softmax, matmul instead: `math_attention_pays`)."""
+    chosen = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.set_attn_implementation(chosen)
+
+
+def timed(step: Callable[[], None], model: torch.nn.Module, device: torch.device, eager: bool) -> float:
     sync(device)
     start = time.perf_counter()
-    with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+    with uncompiled(model) if eager else contextlib.nullcontext():
         step()
     sync(device)
     return time.perf_counter() - start
@@ -80,7 +95,7 @@ def compare(args: argparse.Namespace) -> None:
     source = load(args)
     ids = torch.randint(0, source.config.vocab_size, (args.batch, args.seq), device=device)
     plain = source.to(device).train()
-    compile_layers(plain)
+    compile_layers(plain, args.seq)  # as the trainer compiles a trained model
 
     masked = load(args)
     masked.to(device).train()
@@ -88,7 +103,7 @@ def compare(args: argparse.Namespace) -> None:
                                                  target=TARGET, init="uniform"), 100, device)
     pruner.seed(0)
     attach(masked, pruner)
-    compile_layers(masked)
+    compile_layers(masked, args.seq)
 
     teacher = load(args)
     teacher.to(device).eval().requires_grad_(False)
@@ -96,7 +111,7 @@ def compare(args: argparse.Namespace) -> None:
     shape = resolve_target(source.config, PruningConfig(enabled=True, target=TARGET))
     compact = AutoModelForCausalLM.from_config(derive_config(source.config, shape), dtype=torch.float32)
     compact.to(device).train()
-    compile_layers(compact)
+    compile_layers(compact, args.seq)
 
     compile_loss(True)  # as train.compile does; the eager steps' stance runs these kernels uncompiled
     steps = {
@@ -108,14 +123,14 @@ def compare(args: argparse.Namespace) -> None:
     print(f"model {args.model}, batch {args.batch}x{args.seq}, bf16 autocast, fused AdamW; {args.steps} rounds of "
           f"an eager and a compiled step of each kind (the order alternating), after one compiling step and one "
           f"eager warm-up of each; {where}\n")
-    first = {name: timed(step, device, eager=False) for name, (_, step) in steps.items()}
-    for _, step in steps.values():
-        timed(step, device, eager=True)
+    first = {name: timed(step, model, device, eager=False) for name, (model, step) in steps.items()}
+    for model, step in steps.values():
+        timed(step, model, device, eager=True)
     times: dict[str, dict[str, list[float]]] = {name: {"eager": [], "compiled": []} for name in steps}
     for r in range(args.steps):
-        for name, (_, step) in steps.items():
+        for name, (model, step) in steps.items():
             for mode in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-                times[name][mode].append(timed(step, device, eager=mode == "eager"))
+                times[name][mode].append(timed(step, model, device, eager=mode == "eager"))
     peak = matmul_flops(torch.bfloat16, device)
     print("| step | compiling step s | eager step s | compiled step s | eager / compiled, median [min, max] of "
           "pairs | compiled MFU |")

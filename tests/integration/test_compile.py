@@ -40,12 +40,32 @@ def test_compiled_run_matches_eager_over_20_steps(tmp_path, extra):
     compiled, compiled_eval, trainer = _losses(tmp_path / "compiled", model_dir, True, extra)
     assert trainer.compiled and all(getattr(m, "_compiled_call_impl", None) is not None
                                     for m in trainer.model.model.layers)
+    # a CPU run of 32-token sequences: the trained model's attention is matmul, softmax, matmul; the teacher's not
+    assert trainer.model.config._attn_implementation == "eager"
+    assert trainer.teacher is None or trainer.teacher.config._attn_implementation == "sdpa"
     print("largest train / eval loss difference:", max(abs(a - b) for a, b in zip(compiled, eager)),
           max(abs(a - b) for a, b in zip(compiled_eval, eager_eval)))
     assert len(eager) == len(compiled) == STEPS
     # bf16 autocast: fused kernels round differently (measured: at most 2e-4 nats apart over the 20 steps)
     assert compiled == pytest.approx(eager, abs=1e-2)
     assert compiled_eval == pytest.approx(eager_eval, abs=1e-2)
+
+
+def test_math_attention_only_for_a_trained_model_on_a_cpu_at_short_sequences(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert compiling.math_attention_pays(cpu, compiling.MATH_ATTENTION_MAX_SEQ)
+    assert not compiling.math_attention_pays(cpu, compiling.MATH_ATTENTION_MAX_SEQ + 1)
+    assert not compiling.math_attention_pays(gpu, 128) and not compiling.math_attention_pays(cpu, None)
+    model_dir = save_tiny(tmp_path / "model", "llama")
+    short, long, teacher = (AutoModelForCausalLM.from_pretrained(model_dir) for _ in range(3))
+    compiling.compile_layers(short, 256)
+    compiling.compile_layers(long, 512)
+    compiling.compile_layers(teacher)
+    assert [m.config._attn_implementation for m in (short, long, teacher)] == ["eager", "sdpa", "sdpa"]
+    short.save_pretrained(tmp_path / "saved")  # the choice is the process's, never the exported model's
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
 
 
 def test_auto_compiles_only_where_the_compile_time_pays():

@@ -5,6 +5,8 @@ serves all of them and compile time is one layer's, not that of the unrolled sta
 SmolLM2-135M, 2-core CPU: 104 s before the first step for the whole model, 35 s per layer; the speed-ups are
 measured in docs/benchmarks.md). The embedding, final norm and LM head stay eager; the loss's per-chunk
 math over [rows, vocab] (`drpruning.loss.compile_loss`) is compiled too.
+On a CPU at short sequences a trained model's attention runs as matmul, softmax, matmul inside the compiled
+layers, faster there than the flash-attention kernel (MATH_ATTENTION_MAX_SEQ).
 
 A masked model compiles the same way: the decoder's pre-hook (outside the compiled layers) samples the
 hard-concrete masks and hands each o_proj / down_proj its masks as a module attribute, so no per-layer
@@ -35,6 +37,12 @@ SAVED_FRACTION = 0.2
 # TFLOP/s); for a GPU a deliberately low 100 TFLOP/s (bf16 H100 runs reach 300-400), so auto errs towards on
 RATE = {"cpu": 2.5e11, "cuda": 1e14}
 RECOMPILE_LIMIT = 32  # graphs per layer: train, no-grad evaluation, unmasked source, teacher, batch shapes
+# On a CPU, PyTorch's flash-attention kernel has a slow backward at short sequences: for 4 x 256 tokens (9 heads
+# of 64) its forward + backward took 24 ms a layer against 14 ms for matmul, softmax, matmul compiled by
+# inductor, which lost from 512 tokens on (47 against 35 ms). So a compiled model trained on a CPU at up to
+# this many tokens a sequence runs HF's `eager` attention (those three ops) inside its compiled layers. The
+# teacher keeps the kernel: forward only, it is the faster (3.1 against 3.7 ms).
+MATH_ATTENTION_MAX_SEQ = 256
 
 
 def have_compiler() -> bool:
@@ -70,9 +78,18 @@ def check_available(setting: bool | str, device: torch.device) -> None:
                           "install g++ (e.g. apt-get install g++), or set train.compile=false")
 
 
-def compile_layers(model: nn.Module) -> None:
+def math_attention_pays(device: torch.device, seq_len: int | None) -> bool:
+    """Whether a compiled, trained model's attention should be matmul, softmax, matmul (MATH_ATTENTION_MAX_SEQ)."""
+    return device.type == "cpu" and seq_len is not None and seq_len <= MATH_ATTENTION_MAX_SEQ
+
+
+def compile_layers(model: nn.Module, train_seq_len: int | None = None) -> None:
     """Compile every decoder layer of `model` in place (`nn.Module.compile`: state-dict keys, hooks and
-    checkpoints unchanged). Call before DDP / FSDP wrap the model, after activation checkpointing."""
+    checkpoints unchanged). Call before DDP / FSDP wrap the model, after activation checkpointing. A model
+    trained on `train_seq_len`-token sequences gets the faster attention for them (`math_attention_pays`)."""
+    device = next(model.parameters()).device
+    if math_attention_pays(device, train_seq_len):
+        model.set_attn_implementation("eager")  # not saved with the model: an export loads with the default
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # no KV cache: each layer would see its own cache entry, a per-layer guard that recompiles every layer
     model.config.use_cache = False
@@ -82,18 +99,19 @@ def compile_layers(model: nn.Module) -> None:
         layer.compile(dynamic=False)
 
 
-def compile_run(setting: bool | str, device: torch.device, tokens_per_step: int, steps: int, model: nn.Module,
-                teacher: nn.Module | None, world: int = 1) -> bool:
+def compile_run(setting: bool | str, device: torch.device, batch_size: int, seq_len: int, steps: int,
+                model: nn.Module, teacher: nn.Module | None, world: int = 1) -> bool:
     """Compile the trained model's and the teacher's decoder layers, and the loss's per-chunk math, where
     `train.compile` says so; whether it did. The teacher (a one-shot run's uncut source, or any frozen model)
     gets its own no-grad graph."""
     count = [0 if m is None else sum(p.numel() for p in m.parameters()) for m in (model, teacher)]
-    on = use_compile(setting, device, count[0], tokens_per_step, steps, count[1], world)
+    on = use_compile(setting, device, count[0], batch_size * seq_len, steps, count[1], world)
     compile_loss(on)  # the loss's per-chunk math too (a process-wide switch: set either way)
     if not on:
         return False
-    for m in (model, teacher):
-        if m is not None:
-            compile_layers(m)
-    log.info("train.compile=%s: decoder layers compiled (the first steps include compiling them)", setting)
+    compile_layers(model, seq_len)
+    if teacher is not None:
+        compile_layers(teacher)
+    log.info("train.compile=%s: decoder layers compiled (the first steps include compiling them)%s", setting,
+             "; attention as matmul, softmax, matmul" if math_attention_pays(device, seq_len) else "")
     return True

@@ -106,7 +106,7 @@ class Trainer:
                 self.masked = attach(self.model, self.pruner)
         self.teacher = load_teacher(cfg, self.model, self.device, source) if t.distill.weight > 0 else None
         del source
-        self.compiled = compiling.compile_run(t.compile, self.device, t.batch_size * cfg.data.seq_len, t.steps,
+        self.compiled = compiling.compile_run(t.compile, self.device, t.batch_size, cfg.data.seq_len, t.steps,
                                               self.model, self.teacher, dist.world())
         self.mixer = build_mixer(cfg.mixing, self.names, self.initial, t.steps, cfg.pruning.enabled, final_sparsity)
         self.sampler = MixtureSampler([len(x) for x in self.corpus.train], seed=t.seed, names=self.names)
