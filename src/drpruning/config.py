@@ -141,6 +141,9 @@ class PruningConfig:
     # anti-windup: a multiplier lambda1 whose sign disagrees with the sparsity gap (left over from a lag) is
     # reset to 0, so masks do not overshoot the target for as many steps as they lagged it
     lagrangian_reset: bool = False
+    # a sparsity gap below this counts as 0 in the penalty: float32 rounding of an exact size (masks started at
+    # the one-shot cut) is not a gap, and the multipliers' Adam would turn its sign into full-size steps
+    gap_tolerance: float = 1e-6
     hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
     # one mask sample per `micro_batch` (folded into the weights), or one per `sequence` of it (applied to the
     # activations: a step averages more samples, at ~10% more activation memory than the planner counts)
@@ -325,6 +328,8 @@ def validate(cfg: RunConfig) -> None:
         if p.mask_samples not in ("sequence", "micro_batch"):
             raise ConfigError(f"config key 'pruning.mask_samples' is {p.mask_samples!r}: use sequence or "
                               "micro_batch")
+        if p.gap_tolerance < 0:
+            raise ConfigError(f"config key 'pruning.gap_tolerance' is {p.gap_tolerance}: use 0 or more (default 1e-6)")
         if p.gates not in ("sampled", "deterministic"):
             raise ConfigError(f"config key 'pruning.gates' is {p.gates!r}: use sampled or deterministic")
         if p.gates == "deterministic" and p.mask_samples == "sequence":

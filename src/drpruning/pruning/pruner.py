@@ -388,7 +388,7 @@ class Pruner(nn.Module):
         log: dict[str, Any] = {"expected_sparsity": {}, "target_sparsity": {}, "lambda1": {}, "lambda2": {}}
         for s in self.structures:
             t = self.target_sparsity(s, step)
-            gap = sparsity[s] - t
+            gap = (d := sparsity[s] - t) * (d.abs() > self.cfg.gap_tolerance)  # rounding is no gap
             total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
             log["expected_sparsity"][s] = float(sparsity[s].detach().mean())
             self._gaps[s] = log["expected_sparsity"][s] - t  # mean over rows of the gap, for after_step

@@ -443,3 +443,33 @@ def test_deterministic_gates_refuse_per_sequence_samples():
     cfg.pruning.gates = "noisy"
     with pytest.raises(ConfigError, match="sampled or deterministic"):
         validate(cfg)
+
+
+def test_an_exact_cut_is_no_gap_for_the_multipliers():
+    """Masks started at the one-shot cut keep exactly the target: float32 rounding of that size must not reach
+    the multipliers, whose Adam would turn its sign into full-size steps; one unit off target is a real gap."""
+    g = torch.Generator().manual_seed(5)
+    _, pruner = make(init="one_shot", gates="deterministic")
+    pruner.set_importance({s: torch.rand(a.shape, generator=g) for s, a in pruner.log_alpha.items()},
+                          torch.zeros(32, dtype=torch.bool))
+    opt = torch.optim.Adam(pruner.lagrangian_parameters(), lr=0.1, maximize=True)
+    pruner.begin_step(1)
+    pruner.penalty(1)[0].backward()
+    assert all(float(p.grad) == 0.0 for p in pruner.lagrangian_parameters())
+    opt.step()
+    assert all(float(p.detach()) == 0.0 for p in pruner.lagrangian_parameters())
+    opt.zero_grad()
+    rows, n = pruner.log_alpha["intermediate"].shape
+    with torch.no_grad():  # cut one more FFN channel in the first layer: gap 1 / n there, 0 elsewhere
+        row = pruner.log_alpha["intermediate"][0]
+        row[int(torch.argmax(row))] = LOG_ALPHA_MIN
+    pruner.penalty(1)[0].backward()
+    assert float(pruner.lambda1["intermediate"].grad) == pytest.approx(1 / n / rows, rel=1e-4)
+    assert float(pruner.lambda1["layer"].grad) == 0.0
+    # without the tolerance the exact cut's rounding reaches the multipliers (what wound them up before)
+    _, raw = make(init="one_shot", gates="deterministic", gap_tolerance=0.0)
+    raw.set_importance({s: torch.rand(a.shape, generator=g) for s, a in raw.log_alpha.items()},
+                       torch.zeros(32, dtype=torch.bool))
+    raw.begin_step(1)
+    raw.penalty(1)[0].backward()
+    assert any(0 < abs(float(p.grad)) < 1e-6 for p in raw.lambda1.values())
