@@ -26,7 +26,8 @@ from tables import all_results, load_study, md_table, pm, summary, write_between
 TOTALS = (250, 1000)
 DOCS = HERE.parents[1] / "docs" / "pruning.md"  # its summary table, between markers
 EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
-SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_60": 0.6, "tuned_15": 0.15, "tuned_35": 0.35}
+SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_35_tuned": 0.35, "tuned_15": 0.15, "tuned_35": 0.35,
+          "tuned_60": 0.6}
 
 
 def evals(records: list[dict]) -> list[dict]:
