@@ -122,6 +122,9 @@ class PruningConfig:
     lagrangian_warmup_steps: int | None = None  # None: 20% of train.steps (the paper's setting)
     mask_lr: float = 1.0
     lagrangian_lr: float = 1.0
+    # how the multipliers ascend: adam (the paper's: a full lr step on the sign of however small a gap) or sgd
+    # (plain gradient ascent, lambda1 += lagrangian_lr * gap: the step shrinks with the gap, docs/method.md §2.5)
+    lagrangian_optimizer: str = "adam"
     init_log_alpha: float = 5.0  # clamped to the log-alpha range (ln 100) at construction
     init_log_alpha_std: float = 0.01
     # importance: a calibration pass scores every unit; scores spread the initial log-alphas (the least
@@ -338,6 +341,9 @@ def validate(cfg: RunConfig) -> None:
         if not 0 <= p.hardening_steps < t.steps:
             raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
                               f"train.steps ({t.steps})")
+        if p.lagrangian_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"config key 'pruning.lagrangian_optimizer' is {p.lagrangian_optimizer!r}: use adam "
+                              "or sgd")
         if p.mask_schedule not in ("constant", "follow"):
             raise ConfigError(f"config key 'pruning.mask_schedule' is {p.mask_schedule!r}: use constant or follow")
         bad = set(p.protect) - {"layer", "hidden"}

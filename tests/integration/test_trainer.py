@@ -131,7 +131,8 @@ NEW_OPTIONS = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_
                "pruning.target.intermediate_size=32", "pruning.init=one_shot", "pruning.protect={hidden: [3]}",
                "pruning.mask_schedule=constant",
                "train.distill.weight=0.5", "train.distill.temperature=2.0", "mixing.outlier_nats=0.5",
-               "train.activation_checkpointing=true", "log.tensorboard=true", "pruning.mask_samples=sequence"]
+               "train.activation_checkpointing=true", "log.tensorboard=true", "pruning.mask_samples=sequence",
+               "pruning.lagrangian_optimizer=sgd", "pruning.lagrangian_lr=5.0"]
 
 
 DETERMINISTIC = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",

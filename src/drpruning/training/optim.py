@@ -1,5 +1,6 @@
 """Optimisers and learning-rate schedules, by name: `weights` (AdamW over the model) and, when pruning,
-`masks` (AdamW over the masks, descending, and the Lagrange multipliers, ascending).
+`masks` (AdamW over the masks, descending, and the Lagrange multipliers, ascending), or, with
+`pruning.lagrangian_optimizer: sgd`, `masks` for the masks alone and `multipliers` (plain gradient ascent).
 
 Separate optimisers keep the weights' state shardable (FSDP) apart from the small, replicated pruning state.
 """
@@ -31,7 +32,12 @@ def build_optimizers(model: torch.nn.Module, pruner: torch.nn.Module | None,
     out = {"weights": torch.optim.AdamW(weights, lr=t.lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay,
                                         fused=fused or None)}
     if pruner is not None:
-        out["masks"] = torch.optim.AdamW(pruner.optimizer_groups(), betas=betas, eps=t.eps, weight_decay=0.0)
+        masks, multipliers = pruner.optimizer_groups()
+        if pruner.cfg.lagrangian_optimizer == "sgd":
+            out["masks"] = torch.optim.AdamW([masks], betas=betas, eps=t.eps, weight_decay=0.0)
+            out["multipliers"] = torch.optim.SGD([multipliers], lr=multipliers["lr"], maximize=True)
+        else:
+            out["masks"] = torch.optim.AdamW([masks, multipliers], betas=betas, eps=t.eps, weight_decay=0.0)
     return out
 
 
@@ -43,7 +49,7 @@ def build_schedulers(optimizers: dict[str, torch.optim.Optimizer], t: TrainConfi
     warmup = round(t.warmup_fraction * t.steps)
     out = {}
     for name, o in optimizers.items():
-        if name == "masks" and p is not None and p.mask_schedule == "constant":
+        if name in ("masks", "multipliers") and p is not None and p.mask_schedule == "constant":
             w = p.mask_warmup_steps if p.mask_warmup_steps is not None else round(0.25 * warmup_steps(p, t.steps))
             out[name] = torch.optim.lr_scheduler.LambdaLR(o, lambda s, w=w: min(1.0, (s + 1) / w) if w > 0 else 1.0)
         else:

@@ -118,8 +118,7 @@ class Trainer:
         self.forward_dtype = parallel.forward_dtype(self.train_model, self.amp_dtype)
         self.optimizers = build_optimizers(self.train_model, self.pruner, t)
         self.schedulers = build_schedulers(self.optimizers, t, cfg.pruning if self.pruner is not None else None)
-        self.step, self.elapsed_s = 0, 0.0  # elapsed_s: earlier processes' training time, kept for resumes
-        self.domain_tokens = [0] * len(self.names)
+        self.step, self.elapsed_s, self.domain_tokens = 0, 0.0, [0] * len(self.names)  # elapsed_s: kept on resume
         self.health = HealthGuard(t.max_bad_steps, self.metrics, self.checkpointer)
 
     def evaluate(self, exact: bool = False) -> list[float]:
@@ -231,16 +230,17 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> int:
         state = ckpt.read_state(folder)
-        saved = state["optimizers"]
+        saved = state["optimizers"]  # the weights' optimiser is read with the weights, the others below
         ckpt.read_weights(folder, self.model, self.optimizers["weights"], saved.get("weights"), str(self.device))
         if self.pruner is not None:
             ckpt.read_pruner(folder, self.pruner, str(self.device))
             rngs = state["pruner_rng"]
             fresh = self.cfg.train.seed * RANK_SEED_STRIDE + dist.rank() + RESUME_SEED_STRIDE * int(state["step"])
             self.pruner.load_rng_state(rngs if isinstance(rngs, list) else [rngs], dist.rank(), fresh)
-            self.optimizers["masks"].load_state_dict(saved["masks"])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
+            if name != "weights":  # the masks' (and the multipliers') optimiser
+                self.optimizers[name].load_state_dict(saved[name])
         self.sampler.load_state_dict(state["sampler"])
         self.mixer.load_state_dict(state["mixer"])
         self.health.load_state_dict(state.get("health", self.health.state_dict()))  # older: none kept

@@ -443,6 +443,9 @@ def test_deterministic_gates_refuse_per_sequence_samples():
     cfg.pruning.gates = "noisy"
     with pytest.raises(ConfigError, match="sampled or deterministic"):
         validate(cfg)
+    cfg.pruning.gates, cfg.pruning.lagrangian_optimizer = "sampled", "momentum"
+    with pytest.raises(ConfigError, match="'pruning.lagrangian_optimizer' is 'momentum': use adam or sgd"):
+        validate(cfg)
 
 
 def test_an_exact_cut_is_no_gap_for_the_multipliers():
@@ -473,3 +476,36 @@ def test_an_exact_cut_is_no_gap_for_the_multipliers():
     raw.begin_step(1)
     raw.penalty(1)[0].backward()
     assert any(0 < abs(float(p.grad)) < 1e-6 for p in raw.lambda1.values())
+
+
+@pytest.mark.parametrize("how", ["adam", "sgd"])
+def test_multipliers_ascend_by_the_gap_under_sgd_and_by_its_sign_under_adam(how):
+    from drpruning.config import TrainConfig
+    from drpruning.training.optim import build_optimizers
+
+    model, pruner = make(lagrangian_optimizer=how, lagrangian_lr=0.5)
+    randomise(pruner, std=2.0)
+    with torch.no_grad():
+        for s in pruner.structures:
+            pruner.lambda1[s].fill_(0.3)
+            pruner.lambda2[s].fill_(0.2)
+    before = {s: a.detach().double().numpy().copy() for s, a in pruner.log_alpha.items()}
+    optimizers = build_optimizers(model, pruner, TrainConfig())
+    assert sorted(optimizers) == (["masks", "multipliers", "weights"] if how == "sgd" else ["masks", "weights"])
+    loss, _ = pruner.penalty(step=1000)
+    loss.backward()
+    for o in optimizers.values():
+        o.step()
+    # independent: each unit's closed-form P(gate > 0), row sparsity 1 - mean(P), the gap to the final target
+    T, lo, hi = 2 / 3, -0.1, 1.1
+    for s in pruner.structures:
+        p = 1 / (1 + np.exp(-(before[s] - T * np.log(-lo / hi))))
+        gaps = 1 - p.mean(-1) - pruner.target_sparsity(s, 1000)
+        step1 = float(pruner.lambda1[s].detach()) - 0.3
+        step2 = float(pruner.lambda2[s].detach()) - 0.2
+        if how == "sgd":  # lambda += lr * d(penalty)/d(lambda)
+            assert step1 == pytest.approx(0.5 * np.mean(gaps), abs=1e-5), s
+            assert step2 == pytest.approx(0.5 * np.mean(gaps ** 2), abs=1e-5), s
+        else:  # Adam's first step is the full lr on the gradient's sign, however small the gap
+            assert step1 == pytest.approx(0.5 * np.sign(np.mean(gaps)), rel=1e-3), s
+            assert step2 == pytest.approx(0.5, rel=1e-3), s
