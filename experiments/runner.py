@@ -13,6 +13,7 @@ study.yaml:
     base: base.yaml                      # run config every stage starts from (beside study.yaml)
     source: smollm2-135m                 # the model the first stage reads (and the default teacher)
     seeds: [0, 1]
+    seeds_for: {NAME: [0, 1, 2]}         # optional: an arm's own seeds (a third where two arms are close)
     arms:
       NAME:                              # stages run in order, each from the previous stage's model
         - {stage: mask, overrides: [pruning.method=l0, train.steps=150]}
@@ -58,6 +59,9 @@ def load_study(study: Path) -> dict[str, Any]:
     for key in ("base", "source", "seeds", "arms"):
         if key not in spec:
             raise SystemExit(f"{study / 'study.yaml'}: key {key!r} is missing (see experiments/runner.py)")
+    unknown = set(spec.get("seeds_for", {})) - set(spec["arms"])
+    if unknown:
+        raise SystemExit(f"{study / 'study.yaml'}: seeds_for names arms it does not have: {sorted(unknown)}")
     spec["dir"], spec["name"] = study, study.name
     return spec
 
@@ -219,13 +223,19 @@ def run_unit(spec: dict, arm: str, seed: int) -> None:
     keep(spec, arm, seed)
 
 
+def arm_seeds(spec: dict, arm: str) -> list[int]:
+    """The study's seeds, or the arm's own in `seeds_for`."""
+    return list(spec.get("seeds_for", {}).get(arm, spec["seeds"]))
+
+
 def units(spec: dict, arms: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int]]:
-    """Seed by seed, so that a partial study still covers every arm."""
+    """Seed by seed, so that a partial study still covers every arm; `seeds` given: those, for every arm."""
     chosen = arms or list(spec["arms"])
     unknown = set(chosen) - set(spec["arms"])
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; the study has {', '.join(spec['arms'])}")
-    return [(a, s) for s in (seeds or spec["seeds"]) for a in chosen]
+    every = sorted({s for a in chosen for s in arm_seeds(spec, a)})
+    return [(a, s) for s in (seeds or every) for a in chosen if seeds or s in arm_seeds(spec, a)]
 
 
 def finished(spec: dict, arm: str, seed: int) -> bool:

@@ -8,7 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-from runner import load_study, read_metrics, results_dir
+from runner import arm_seeds, load_study, read_metrics, results_dir, units
 
 BEGIN, END = "<!-- table.py: begin -->", "<!-- table.py: end -->"
 
@@ -30,7 +30,7 @@ def unit_results(spec: dict, arm: str, seed: int) -> dict | None:
 def all_results(spec: dict) -> dict[str, dict[int, dict]]:
     found: dict[str, dict[int, dict]] = {}
     for arm in spec["arms"]:
-        for seed in spec["seeds"]:
+        for seed in arm_seeds(spec, arm):
             r = unit_results(spec, arm, seed)
             if r is not None:
                 found.setdefault(arm, {})[seed] = r
@@ -69,3 +69,9 @@ def write_between_markers(doc: Path, text: str) -> None:
 
 
 __all__ = ["all_results", "load_study", "md_table", "pm", "summary", "write_between_markers"]
+
+
+def status_lines(spec: dict, results: dict) -> list[str]:
+    """"- ARM seed K: finished | not finished", seed by seed, for the README."""
+    return [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
+            for arm, seed in units(spec, None, None)]

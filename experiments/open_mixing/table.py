@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from runner import results_dir  # noqa: E402
-from tables import all_results, load_study, md_table, pm, summary, write_between_markers  # noqa: E402
+from runner import units as study_units  # noqa: E402
+from tables import all_results, load_study, md_table, pm, status_lines, summary, write_between_markers  # noqa: E402
 
 ARMS = ("constant", "uniform", "sheared", "drpruning")
 METRICS = ("mean", "worst", "spread")
@@ -111,7 +112,7 @@ def task_results(spec: dict, arm: str, seed: int) -> dict | None:
 def task_rows(spec: dict) -> list[list[str]]:
     """Accuracy per task and arm (mean over seeds, n items), and drpruning minus constant paired by item."""
     rows = []
-    found = {(a, s): task_results(spec, a, s) for a in ARMS for s in spec["seeds"]}
+    found = {(a, s): task_results(spec, a, s) for a, s in study_units(spec, None, None) if a in ARMS}
     tasks = sorted({t for r in found.values() if r for t in r})
     for task in tasks:
         row = [task]
@@ -119,7 +120,7 @@ def task_rows(spec: dict) -> list[list[str]]:
             accs = [r[task] for (a, _), r in found.items() if a == arm and r and task in r]
             row.append(f"{statistics.fmean(x['acc'] for x in accs):.3f} (n {accs[0]['n']})" if accs else "-")
         diffs = []
-        for s in spec["seeds"]:
+        for s in sorted({s for _, s in found}):
             d, c = found.get(("drpruning", s)), found.get(("constant", s))
             if d and c and task in d and task in c:
                 n = min(len(d[task]["correct"]), len(c[task]["correct"]))
@@ -184,8 +185,7 @@ def main() -> None:
     if rows:
         text.append("### Downstream accuracy\n\n" + md_table(["task", *ARMS, "drpruning - constant"], rows))
     text += [f"![{p.stem}](images/{p.name})" for p in plots(results, HERE / "images")]
-    status = [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
-              for seed in spec["seeds"] for arm in spec["arms"]]
+    status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
     print((HERE / "README.md").read_text())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tables import all_results, load_study, md_table, pm, summary, write_between_markers  # noqa: E402
+from tables import all_results, load_study, md_table, pm, status_lines, summary, write_between_markers  # noqa: E402
 
 HEADER = ["arm", "seeds", "shape (layers, hidden, heads / KV, FFN)", "parameters", "after prune: mean",
           "after prune: worst", "end: mean", "end: worst", "training s"]
@@ -50,8 +50,7 @@ def main() -> None:
     results = all_results(spec)
     rows = [row(arm, results[arm]) for arm in spec["arms"] if arm in results]
     text = md_table(HEADER, rows) if rows else "No results yet: run the study (see above)."
-    status = [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
-              for seed in spec["seeds"] for arm in spec["arms"]]
+    status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", text + "\n\nRun status:\n\n" + "\n".join(status))
     print((HERE / "README.md").read_text())
 

@@ -84,3 +84,20 @@ def test_mean_and_range_over_seeds():
     assert tables.pm([1.0, 2.0, 4.0]) == "2.333 [1.000, 4.000]"
     assert tables.pm([None, 1.5]) == "1.500"
     assert tables.pm([]) == "-"
+
+
+def test_an_arm_can_have_its_own_seeds(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    spec = {"base": "base.yaml", "source": "m", "seeds": [0, 1], "seeds_for": {"a": [0, 1, 2]},
+            "arms": {"a": [{"stage": "train"}], "b": [{"stage": "train"}]}}
+    (folder / "study.yaml").write_text(json.dumps(spec))
+    loaded = runner.load_study(folder)
+    # seed by seed; the third seed only for the arm that has it; --seeds runs those seeds for every listed arm
+    assert runner.units(loaded, None, None) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2)]
+    assert runner.units(loaded, ["b"], None) == [("b", 0), ("b", 1)]
+    assert runner.units(loaded, None, [2]) == [("a", 2), ("b", 2)]
+    assert tables.status_lines(loaded, {"a": {2: {}}})[-1] == "- a seed 2: finished"
+    (folder / "study.yaml").write_text(json.dumps({**spec, "seeds_for": {"c": [0]}}))
+    with pytest.raises(SystemExit, match=r"seeds_for names arms it does not have: \['c'\]"):
+        runner.load_study(folder)
