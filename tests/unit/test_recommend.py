@@ -12,12 +12,21 @@ def point(tpp, one, l0, arm="t_l0_35"):
 
 LOSING = point(0.004, [3.30, 3.34], [3.60, 3.70])  # +0.33 nats, seed ranges 0.04 / 0.10
 PAR = point(0.010, [3.10, 3.20], [3.15, 3.22])  # +0.035 nats, within the 0.10 range
-WINNING = point(0.015, [3.10, 3.14], [2.90, 2.95])  # -0.195 nats, beyond the 0.05 range
+WINNING = point(0.015, [3.10, 3.14], [2.90, 2.95])  # -0.195 nats, beyond twice the 0.05 range
+CLOSE = point(0.015, [3.10, 3.12], [3.07, 3.09])  # -0.030 nats, beyond the 0.02 range but within twice it
 
 
 def test_at_par_means_within_the_larger_seed_range_and_winning_beyond_it():
     assert not at_par(LOSING) and at_par(PAR) and at_par(WINNING)
     assert not l0_wins(LOSING) and not l0_wins(PAR) and l0_wins(WINNING)
+
+
+def test_a_win_within_twice_the_seed_range_needs_a_third_seed():
+    assert not l0_wins(CLOSE)
+    m, why = recommend(int(0.02 * 1e8), 100_000_000, {"points": [CLOSE]})
+    assert m == "importance" and "ended lower than, but within twice the seed range of, one-shot + KD" in why, why
+    third = point(0.015, [3.10, 3.12, 3.11], [3.07, 3.09, 3.08])  # the same gap on a third seed
+    assert l0_wins(third) and recommend(int(0.02 * 1e8), 100_000_000, {"points": [third]})[0] == "l0"
 
 
 @pytest.mark.parametrize("tpp,method,says", [
