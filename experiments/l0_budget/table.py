@@ -165,6 +165,29 @@ def evidence(results: dict) -> dict:
     return {"study": "experiments/l0_budget", "written_by": "experiments/l0_budget/table.py", "points": points}
 
 
+MULTIPLIER_CANDIDATES = ("t250_l0_35_tuned", "t250_sweep_tuned_laglr0.5", "t250_sweep_tuned_sgd5",
+                         "t250_sweep_tuned_sgd20")
+
+
+def multiplier_choice(results: dict) -> str:
+    """The rule for the T = 1,000 tuned arms' multipliers (README): of the candidates with 2 seeds whose export
+    gap is at most 0.05 on both, the lowest mean worst-domain loss after the mask phase; decided once no
+    candidate that could still qualify lacks a seed."""
+    eligible, out, waiting = [], [], []
+    for arm in MULTIPLIER_CANDIDATES:
+        units = [u for s, u in results.get(arm, {}).items() if s in (0, 1)]
+        if any(export_gap(u) > 0.05 for u in units):
+            out.append(arm)
+        elif len(units) < 2:
+            waiting.append(arm)
+        else:
+            eligible.append((statistics.fmean(summary(u["mask"]["heldout"])["worst"] for u in units), arm))
+    ranked = "; ".join(f"{a} (after mask: worst {w:.3f})" for w, a in sorted(eligible)) or "none"
+    head = f"undecided until {', '.join(waiting)} has 2 seeds" if waiting else f"{min(eligible)[1]}" if eligible \
+        else "none qualifies"
+    return f"{head}. Eligible: {ranked}. Export gap above 0.05 on a seed: {', '.join(out) or 'none'}"
+
+
 def docs_table(results: dict) -> str:
     """docs/pruning.md's summary: per total and arm, the end-of-pipeline losses and the worst-domain gap to
     one-shot + KD paired by seed."""
@@ -205,6 +228,7 @@ def main() -> None:
         rows = [sweep_row(a, results[a]) for a in ["t250_l0_35", *variants, *sweeps] if a in results]
         text.append("### Mask-phase sweeps, T = 250, 35% (88 steps, then the exact cut)\n\n"
                     + md_table(SWEEP_HEADER, rows))
+        text.append(f"Multipliers for the T = 1,000 `tuned` arms, by the rule above: {multiplier_choice(results)}.")
     status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
     EVIDENCE.write_text(json.dumps(evidence(results), indent=1) + "\n")

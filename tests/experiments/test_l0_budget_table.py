@@ -54,3 +54,21 @@ def test_the_committed_evidence_is_what_the_committed_results_give():
 
     spec = table.load_study(table.HERE)
     assert json.loads(table.EVIDENCE.read_text()) == json.loads(json.dumps(table.evidence(table.all_results(spec))))
+
+
+def test_the_multiplier_rule_waits_for_candidates_and_takes_the_lowest_eligible():
+    def masked(gap, worst):  # a mask phase whose exact cut ends `gap` above its last learnt evaluation
+        records = [*MASK[:-1], ev(10, 3.5 + gap)]
+        return {"mask": {"records": records, "heldout": {"a": {"loss": worst - 1}, "b": {"loss": worst}}}}
+
+    tuned, fast, sgd5, sgd20 = table.MULTIPLIER_CANDIDATES
+    results = {tuned: {0: masked(0.0, 4.6), 1: masked(0.09, 4.5)},  # out: 0.09 on seed 1, however low
+               fast: {0: masked(0.0, 4.7), 1: masked(0.01, 4.7)},
+               sgd5: {0: masked(0.2, 4.8)},  # out on its first seed: no second seed needed
+               sgd20: {0: masked(-0.02, 4.6)}}
+    said = table.multiplier_choice(results)
+    assert said.startswith(f"undecided until {sgd20} has 2 seeds"), said
+    assert f"Export gap above 0.05 on a seed: {tuned}, {sgd5}" in said
+    results[sgd20][1] = masked(0.03, 4.62)
+    said = table.multiplier_choice(results)
+    assert said.startswith(sgd20) and f"Eligible: {sgd20} (after mask: worst 4.610); {fast}" in said, said
