@@ -68,10 +68,10 @@ def write_between_markers(doc: Path, text: str) -> None:
     doc.write_text(head + BEGIN + "\n\n" + text.rstrip() + "\n\n" + END + rest.split(END, 1)[1])
 
 
-__all__ = ["all_results", "load_study", "md_table", "pm", "summary", "write_between_markers"]
-
-
 def status_lines(spec: dict, results: dict) -> list[str]:
     """"- ARM seed K: finished | not finished", seed by seed, for the README."""
     return [f"- {arm} seed {seed}: {'finished' if seed in results.get(arm, {}) else 'not finished'}"
             for arm, seed in units(spec, None, None)]
+
+
+__all__ = ["all_results", "load_study", "md_table", "pm", "status_lines", "summary", "write_between_markers"]

@@ -183,8 +183,10 @@ def multiplier_choice(results: dict) -> str:
         else:
             eligible.append((statistics.fmean(summary(u["mask"]["heldout"])["worst"] for u in units), arm))
     ranked = "; ".join(f"{a} (after mask: worst {w:.3f})" for w, a in sorted(eligible)) or "none"
-    head = f"undecided until {', '.join(waiting)} has 2 seeds" if waiting else f"{min(eligible)[1]}" if eligible \
-        else "none qualifies"
+    if waiting:
+        head = f"undecided until {', '.join(waiting)} has 2 seeds"
+    else:
+        head = min(eligible)[1] if eligible else "none qualifies"
     return f"{head}. Eligible: {ranked}. Export gap above 0.05 on a seed: {', '.join(out) or 'none'}"
 
 

@@ -35,7 +35,7 @@ def build_optimizers(model: torch.nn.Module, pruner: torch.nn.Module | None,
         masks, multipliers = pruner.optimizer_groups()
         if pruner.cfg.lagrangian_optimizer == "sgd":
             out["masks"] = torch.optim.AdamW([masks], betas=betas, eps=t.eps, weight_decay=0.0)
-            out["multipliers"] = torch.optim.SGD([multipliers], lr=multipliers["lr"], maximize=True)
+            out["multipliers"] = torch.optim.SGD([multipliers])  # the group carries lr and maximize
         else:
             out["masks"] = torch.optim.AdamW([masks, multipliers], betas=betas, eps=t.eps, weight_decay=0.0)
     return out
