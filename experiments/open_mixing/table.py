@@ -109,8 +109,22 @@ def task_results(spec: dict, arm: str, seed: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def item_difference(found: dict, task: str, other: str) -> str:
+    """drpruning minus `other` on one task, paired by item over the items both scored and pooled over seeds:
+    mean ± the standard error of the per-item differences."""
+    diffs = []
+    for s in sorted({s for _, s in found}):
+        d, o = found.get(("drpruning", s)), found.get((other, s))
+        if d and o and task in d and task in o:
+            n = min(len(d[task]["correct"]), len(o[task]["correct"]))
+            diffs += [a - b for a, b in zip(d[task]["correct"][:n], o[task]["correct"][:n])]
+    if len(diffs) < 2:
+        return "-"
+    return f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f} (n {len(diffs)})"
+
+
 def task_rows(spec: dict) -> list[list[str]]:
-    """Accuracy per task and arm (mean over seeds, n items), and drpruning minus constant paired by item."""
+    """Accuracy per task and arm (mean over seeds, n items a seed), and drpruning minus each other arm."""
     rows = []
     found = {(a, s): task_results(spec, a, s) for a, s in study_units(spec, None, None) if a in ARMS}
     tasks = sorted({t for r in found.values() if r for t in r})
@@ -119,15 +133,7 @@ def task_rows(spec: dict) -> list[list[str]]:
         for arm in ARMS:
             accs = [r[task] for (a, _), r in found.items() if a == arm and r and task in r]
             row.append(f"{statistics.fmean(x['acc'] for x in accs):.3f} (n {accs[0]['n']})" if accs else "-")
-        diffs = []
-        for s in sorted({s for _, s in found}):
-            d, c = found.get(("drpruning", s)), found.get(("constant", s))
-            if d and c and task in d and task in c:
-                n = min(len(d[task]["correct"]), len(c[task]["correct"]))
-                diffs += [a - b for a, b in zip(d[task]["correct"][:n], c[task]["correct"][:n])]
-        row.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f}"
-                   if len(diffs) > 1 else "-")
-        rows.append(row)
+        rows.append(row + [item_difference(found, task, other) for other in ARMS[:-1]])
     return rows
 
 
@@ -183,7 +189,8 @@ def main() -> None:
         text.append(f"Largest per-domain repetition: {ratio:.2f} reads of the domain's training tokens ({where}).")
     rows = task_rows(spec)
     if rows:
-        text.append("### Downstream accuracy\n\n" + md_table(["task", *ARMS, "drpruning - constant"], rows))
+        head = ["task", *ARMS, *(f"drpruning - {a}" for a in ARMS[:-1])]
+        text.append("### Downstream accuracy\n\n" + md_table(head, rows))
     text += [f"![{p.stem}](images/{p.name})" for p in plots(results, HERE / "images")]
     status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))

@@ -1,5 +1,5 @@
 """The mixing study's derived columns on results written out by hand: paired differences, their t-interval,
-and the largest per-domain repetition."""
+the largest per-domain repetition, and downstream differences paired by item."""
 
 import math
 import sys
@@ -41,3 +41,17 @@ def test_paired_differences_by_seed_with_a_t_interval():
 def test_largest_repetition_is_tokens_read_over_training_tokens():
     ratio, where = mixing_table.repetition(RESULTS)
     assert ratio == pytest.approx(2560 / 1280) and where == "b, drpruning seed 2"
+
+
+def test_downstream_difference_is_paired_by_item_over_the_items_both_scored():
+    found = {
+        ("drpruning", 0): {"copa": {"correct": [1, 1, 0, 1]}},
+        ("constant", 0): {"copa": {"correct": [0, 1, 0, 0]}},
+        ("drpruning", 1): {"copa": {"correct": [1, 0, 1, 1]}},
+        ("constant", 1): {"copa": {"correct": [1, 1]}},  # scored fewer items: only the first two pair
+    }
+    diffs = [1, 0, 0, 1, 0, -1]
+    mean = sum(diffs) / 6
+    se = (sum((x - mean) ** 2 for x in diffs) / 5) ** 0.5 / math.sqrt(6)
+    assert mixing_table.item_difference(found, "copa", "constant") == f"{mean:+.3f} ± {se:.3f} (n 6)"
+    assert mixing_table.item_difference(found, "copa", "uniform") == "-"
