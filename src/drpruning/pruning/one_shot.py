@@ -24,6 +24,7 @@ from drpruning.models.loading import load_model, save_model
 from drpruning.pruning.export import CUT_DIR, build_pruned_model
 from drpruning.pruning.importance import calibrate
 from drpruning.pruning.pruner import Pruner
+from drpruning.pruning.summary import tie_groups
 
 RECORD = "cut.json"
 
@@ -35,7 +36,7 @@ def cut(model: nn.Module, pruner: Pruner, train: list[torch.Tensor], batch_size:
     compact = build_pruned_model(model, pruner)
     compact.config.use_cache = False
     shape = pruner.target.as_dict()
-    record = {"protected_hidden": protected, "tie_groups": pruner.tie_groups(exact=True),
+    record = {"protected_hidden": protected, "tie_groups": tie_groups(pruner, exact=True),
               "shape": {**shape, "target": shape}, "final_sparsity": pruner.final_sparsity()}
     return compact, record
 

@@ -324,31 +324,19 @@ class Pruner(nn.Module):
         by the tie key (protected units never)."""
         out = {}
         for s, k in self.cut_sizes(exact).items():
-            soft, key = self._soft_and_key(s)
+            soft, key = self.soft_and_key(s)
             out[s] = topk_mask(soft, k, key)
             if self.one_shot:  # kept units are kept whole: the exported model is the source, sliced
                 out[s] = (out[s] != 0).to(soft.dtype)
         return out
 
-    def _soft_and_key(self, s: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def soft_and_key(self, s: str) -> tuple[torch.Tensor, torch.Tensor]:
         protected = self.protected(s)
         a = self.log_alpha[s]
         # deterministic gates hit 0 and 1 exactly: the tie key orders equal ones; a kept 0 becomes GATE_FLOOR
         gate = self._keep(a).clamp(min=GATE_FLOOR) if self.deterministic else soft_values(a)
         soft = torch.where(protected, 1.0, gate)
         return soft, torch.where(protected, torch.inf, self.tie_key(s))
-
-    @torch.no_grad()
-    def tie_groups(self, exact: bool = False) -> dict[str, int]:
-        """Per structure, the largest number of units (over rows) that share the soft value at the cut: more
-        than 1 means the tie key, not the masks, chose among them."""
-        out = {}
-        for s, k in self.cut_sizes(exact).items():
-            soft, _ = self._soft_and_key(s)
-            rows, ks = soft.reshape(-1, soft.shape[-1]), k.reshape(-1)
-            sizes = [int((row == row.sort().values[kk - 1]).sum()) if kk > 0 else 0 for row, kk in zip(rows, ks)]
-            out[s] = max(sizes)
-        return out
 
     def masks(self, batch: int | None = None) -> dict[str, torch.Tensor]:
         """The masks the next forward (of `batch` sequences) uses: sampled when training (one per sequence

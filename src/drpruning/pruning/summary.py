@@ -36,6 +36,19 @@ def shape_summary(pruner: Pruner, exact: bool = False) -> dict[str, Any]:
         "heads_per_layer": heads_per_layer,
         "intermediate_per_layer": ffn_per_layer,
         "expected_params": float(pruner.expected_params()),
-        "tie_groups": pruner.tie_groups(exact),
+        "tie_groups": tie_groups(pruner, exact),
         "target": pruner.target.as_dict(),
     }
+
+
+@torch.no_grad()
+def tie_groups(pruner: Pruner, exact: bool = False) -> dict[str, int]:
+    """Per structure, the largest number of units (over rows) that share the soft value at the cut: more than 1
+    means the tie key, not the masks, chose among them."""
+    out = {}
+    for s, k in pruner.cut_sizes(exact).items():
+        soft, _ = pruner.soft_and_key(s)
+        rows, ks = soft.reshape(-1, soft.shape[-1]), k.reshape(-1)
+        sizes = [int((row == row.sort().values[kk - 1]).sum()) if kk > 0 else 0 for row, kk in zip(rows, ks)]
+        out[s] = max(sizes)
+    return out

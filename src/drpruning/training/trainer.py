@@ -29,7 +29,7 @@ from drpruning.models.shape import SHAPE_KEYS, resolve_target, source_shape
 from drpruning.plan import check_memory
 from drpruning.pruning import Pruner, attach, export_model, one_shot
 from drpruning.pruning.importance import calibrate
-from drpruning.pruning.summary import shape_summary
+from drpruning.pruning.summary import shape_summary, tie_groups
 from drpruning.training import checkpoint as ckpt
 from drpruning.training import compiling, parallel
 from drpruning.training import distributed as dist
@@ -312,7 +312,7 @@ class Trainer:
         if self.main:
             if self.pruner is not None:
                 export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
-                shape, extra = self.pruner.target, {"tie_groups": self.pruner.tie_groups(exact=True)}
+                shape, extra = self.pruner.target, {"tie_groups": tie_groups(self.pruner, exact=True)}
             else:  # continued pretraining, or a one-shot run: the model is already compact
                 save_model(model, out, self.tokenizer, self.save_dtype)
                 shape, extra = source_shape(self.model.config), {"tie_groups": self.cut["tie_groups"]} if self.cut \
