@@ -155,6 +155,10 @@ class PruningConfig:
     # the gate's value at a temperature that falls with sqrt(progress) to a fifth by the hardening (DDP's
     # sharpening, docs/method.md §2.10), so the forward approaches the exact masks it exports
     gates: str = "sampled"
+    # lagrangian: multipliers price the gap between expected and target size (the paper's); projected: after
+    # every step each row's log-alphas shift by one amount so that its expected size is the target exactly
+    # (no multipliers; docs/method.md §2.11)
+    constraint: str = "lagrangian"
 
 
 def warmup_steps(p: PruningConfig, steps: int) -> int:
@@ -344,6 +348,8 @@ def validate(cfg: RunConfig) -> None:
         if p.lagrangian_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"config key 'pruning.lagrangian_optimizer' is {p.lagrangian_optimizer!r}: use adam "
                               "or sgd")
+        if p.constraint not in ("lagrangian", "projected"):
+            raise ConfigError(f"config key 'pruning.constraint' is {p.constraint!r}: use lagrangian or projected")
         if p.mask_schedule not in ("constant", "follow"):
             raise ConfigError(f"config key 'pruning.mask_schedule' is {p.mask_schedule!r}: use constant or follow")
         bad = set(p.protect) - {"layer", "hidden"}

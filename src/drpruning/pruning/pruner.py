@@ -42,6 +42,7 @@ from drpruning.pruning.hard_concrete import (
     topk_mask,
 )
 from drpruning.pruning.importance import initial_log_alpha
+from drpruning.pruning.projection import project_
 
 STRUCTURES = ("layer", "head", "intermediate", "hidden")
 INIT_SEED = 1234  # a fixed-seed CPU generator draws the initial log-alphas: every rank starts the same
@@ -70,6 +71,8 @@ class Pruner(nn.Module):
         self.hardening = self.one_shot
         self.per_sequence = cfg.mask_samples == "sequence"
         self.deterministic = cfg.gates == "deterministic"
+        self.projected = cfg.constraint == "projected"  # the size held by projection, not multipliers
+        self._step = 0
         self.mask_steps = max(1, total_steps - cfg.hardening_steps)  # the sharpening ends where hardening starts
         # the last step of learnt masks before hardening: the trainer evaluates them there (the export gap's base)
         self.last_learnt_step = self.mask_steps if cfg.hardening_steps and not self.one_shot else None
@@ -195,9 +198,11 @@ class Pruner(nn.Module):
             p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def after_step(self) -> None:
-        """Call after every optimiser step: clamp the masks; with `lagrangian_reset`, zero each lambda1 that
-        pushes the wrong way for the gap of the step's penalty."""
+        """Call after every optimiser step: clamp the masks (projected: onto the next step's size); with
+        `lagrangian_reset`, zero each lambda1 that pushes the wrong way for the gap of the step's penalty."""
         self.clamp_()
+        if self.projected:
+            project_(self, self._step + 1)
         if self.cfg.lagrangian_reset:
             with torch.no_grad():  # ascent makes lambda1 share the gap's sign; no host sync on the device
                 for s, gap in self._gaps.items():
@@ -246,9 +251,12 @@ class Pruner(nn.Module):
     def begin_step(self, step: int) -> None:
         """Before step `step`'s forwards: harden from the last `pruning.hardening_steps`; sharpen
         deterministic gates to the step's temperature."""
+        self._step = step
         self.harden(step >= self.mask_steps)
         if self.deterministic:
             self.gate_temperature.fill_(sharpened_temperature(step / self.mask_steps))
+        if self.projected and not self.hardening:  # the sharper gates keep the count
+            project_(self, step)
 
     def harden(self, on: bool) -> None:
         """The hardening phase: the weights train under the exact masks; no penalty, the masks stay put. A
@@ -264,7 +272,8 @@ class Pruner(nn.Module):
             return {}
         self.average_grads()
         penalty, record = self.penalty(step)
-        penalty.backward()
+        if penalty.requires_grad:  # projected: no multipliers, the penalty is 0
+            penalty.backward()
         return {"lagrangian": float(penalty.detach()), **record}
 
     def eval(self, exact: bool = False) -> Pruner:
@@ -288,9 +297,9 @@ class Pruner(nn.Module):
         fixed masks of a one-shot pruner."""
         if self.one_shot:
             return {s: (m != 0).float() for s, m in self.deterministic_masks(exact=True).items()}
-        return {s: torch.where(self.protected(s), 1.0, self._keep(a)) for s, a in self.log_alpha.items()}
+        return {s: torch.where(self.protected(s), 1.0, self.keep(a)) for s, a in self.log_alpha.items()}
 
-    def _keep(self, a: torch.Tensor) -> torch.Tensor:
+    def keep(self, a: torch.Tensor) -> torch.Tensor:
         return deterministic_gate(a, self.gate_temperature) if self.deterministic else prob_nonzero(a)
 
     def sample(self, batch: int | None = None) -> dict[str, torch.Tensor]:
@@ -334,7 +343,7 @@ class Pruner(nn.Module):
         protected = self.protected(s)
         a = self.log_alpha[s]
         # deterministic gates hit 0 and 1 exactly: the tie key orders equal ones; a kept 0 becomes GATE_FLOOR
-        gate = self._keep(a).clamp(min=GATE_FLOOR) if self.deterministic else soft_values(a)
+        gate = self.keep(a).clamp(min=GATE_FLOOR) if self.deterministic else soft_values(a)
         soft = torch.where(protected, 1.0, gate)
         return soft, torch.where(protected, torch.inf, self.tie_key(s))
 
@@ -369,7 +378,8 @@ class Pruner(nn.Module):
         return {s: 1.0 - p[s].sum(-1) / p[s].shape[-1] for s in self.structures}
 
     def penalty(self, step: int) -> tuple[torch.Tensor, dict]:
-        """Sum over structures of mean_rows(lambda1 (s - t) + lambda2 (s - t)^2) and a log record."""
+        """Sum over structures of mean_rows(lambda1 (s - t) + lambda2 (s - t)^2) (0 when projected) and a log
+        record."""
         probs = self.probabilities()
         sparsity = self.structure_sparsity(probs)
         total = torch.zeros((), device=next(iter(self.log_alpha.values())).device)
@@ -377,7 +387,8 @@ class Pruner(nn.Module):
         for s in self.structures:
             t = self.target_sparsity(s, step)
             gap = (d := sparsity[s] - t) * (d.abs() > self.cfg.gap_tolerance)  # rounding is no gap
-            total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
+            if not self.projected:
+                total = total + (self.lambda1[s] * gap + self.lambda2[s] * gap * gap).mean()
             log["expected_sparsity"][s] = float(sparsity[s].detach().mean())
             self._gaps[s] = log["expected_sparsity"][s] - t  # mean over rows of the gap, for after_step
             log["target_sparsity"][s] = t
