@@ -27,7 +27,8 @@ TOTALS = (250, 1000)
 DOCS = HERE.parents[1] / "docs" / "pruning.md"  # its summary table, between markers
 EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
 SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_35_tuned": 0.35, "tuned_15": 0.15, "tuned_35": 0.35,
-          "tuned_60": 0.6}
+          "tuned_60": 0.6, "projected_15": 0.15, "projected_35": 0.35}
+L0_ARMS = ("l0", "tuned", "projected")  # the arm names' prefixes (after t<T>_) of learnt-mask arms
 
 
 def evals(records: list[dict]) -> list[dict]:
@@ -149,7 +150,7 @@ def evidence(results: dict) -> dict:
     for total in TOTALS:
         base = results.get(f"t{total}_oneshot", {})
         end = {arm: {seed: summary(u[list(u)[-1]]["heldout"])["worst"] for seed, u in units.items()}
-               for arm, units in results.items() if arm.startswith((f"t{total}_l0", f"t{total}_tuned"))}
+               for arm, units in results.items() if arm.startswith(tuple(f"t{total}_{p}" for p in L0_ARMS))}
         candidates = [(statistics.fmean(w[s] for s in seeds), arm, seeds) for arm, w in end.items()
                       if len(seeds := sorted(set(w) & set(base))) >= 2]
         if not candidates:
@@ -227,7 +228,8 @@ def main() -> None:
         text.append("### L0 variants, T = 250, 35% mask phase\n\n" + md_table(HEADER, rows))
     sweeps = [a for a in spec["arms"] if a.startswith("t250_sweep_") and a in results]
     if sweeps:  # the mask phase alone: 88 steps and the exact cut; against the whole arms' mask phases
-        rows = [sweep_row(a, results[a]) for a in ["t250_l0_35", *variants, *sweeps] if a in results]
+        projected = [a for a in spec["arms"] if a.startswith("t250_projected") and a in results]
+        rows = [sweep_row(a, results[a]) for a in ["t250_l0_35", *variants, *projected, *sweeps] if a in results]
         text.append("### Mask-phase sweeps, T = 250, 35% (88 steps, then the exact cut)\n\n"
                     + md_table(SWEEP_HEADER, rows))
         text.append(f"Multipliers for the T = 1,000 `tuned` arms, by the rule above: {multiplier_choice(results)}.")
