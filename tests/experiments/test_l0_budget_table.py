@@ -72,3 +72,22 @@ def test_the_multiplier_rule_waits_for_candidates_and_takes_the_lowest_eligible(
     results[sgd20][1] = masked(0.03, 4.62)
     said = table.multiplier_choice(results)
     assert said.startswith(sgd20) and f"Eligible: {sgd20} (after mask: worst 4.610); {fast}" in said, said
+
+
+def test_the_evidence_takes_the_lowest_learnt_mask_arm_of_any_kind_on_shared_seeds():
+    def end(worst, stage="train"):
+        held = {"a": {"loss": worst - 1.0}, "b": {"loss": worst}}
+        return {stage: {"heldout": held, "heldout_meta": {"input_params": 1_000_000}}}
+
+    def l0(worst):
+        return {"mask": {"heldout": {}}, **end(worst)}
+
+    results = {"t250_oneshot": {0: end(4.40), 1: end(4.30)},
+               "t250_tuned_35": {0: l0(4.35), 1: l0(4.33)},
+               "t250_projected_35": {0: l0(4.30), 1: l0(4.26), 2: l0(4.0)},  # seed 2: no one-shot to pair with
+               "t250_sweep_x": {0: l0(3.0), 1: l0(3.0)},  # a sweep is no whole pipeline
+               "t250_l0_15": {0: l0(4.1)}}  # one seed: not yet evidence
+    (point,) = table.evidence(results)["points"]
+    assert point["l0_arm"] == "t250_projected_35" and point["seeds"] == [0, 1]
+    assert point["gap_worst"] == [pytest.approx(4.30 - 4.40), pytest.approx(4.26 - 4.30)]
+    assert point["tokens_per_param"] == pytest.approx(250 * 2048 / 1_000_000, abs=1e-6)
