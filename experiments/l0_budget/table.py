@@ -47,9 +47,10 @@ def export_gap(unit: dict) -> float | None:
         return None
     records = unit["mask"]["records"]
     e = evals(records)
-    if len(e) < 2 or e[-2]["step"] != learnt_until(records):
+    learnt = [r for r in e if r["step"] == learnt_until(records)]  # hardening may hold further evaluations
+    if not learnt or e[-1] is learnt[-1]:
         return None
-    return e[-1]["mean_loss"] - e[-2]["mean_loss"]
+    return e[-1]["mean_loss"] - learnt[-1]["mean_loss"]
 
 
 def ramp_end(records: list[dict]) -> int:

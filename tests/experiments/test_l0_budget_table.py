@@ -36,6 +36,8 @@ def test_export_gap_is_against_the_evaluation_where_hardening_starts():
     older = [r for r in MASK if not (r["kind"] == "eval" and r["step"] == 8)]  # no evaluation at step 8
     assert table.export_gap(unit(older, [])) is None
     assert table.export_gap({"train": {"records": []}}) is None
+    inside = [*MASK[:-1], ev(9, 3.9), ev(10, 3.56)]  # an in-run evaluation during hardening, then the exact one
+    assert table.export_gap(unit(inside, [])) == pytest.approx(3.56 - 3.5)
 
 
 def test_largest_rise_counts_from_the_end_of_the_ramp_through_training():
