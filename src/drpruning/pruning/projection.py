@@ -51,7 +51,8 @@ def shift_to_count(
     hi = torch.where(over, width, 0.0).to(rows.dtype)  # under: the largest tau <= 0 with count >= target
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
-        meets = torch.where(over, count(mid) <= target, count(mid) >= target)
+        c = count(mid)
+        meets = torch.where(over, c <= target, c >= target)
         hi = torch.where(over & meets, mid, torch.where(under & ~meets, mid, hi))
         lo = torch.where(over & ~meets, mid, torch.where(under & meets, mid, lo))
     tau = torch.where(over, hi, torch.where(under, lo, zero))
