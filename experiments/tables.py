@@ -14,7 +14,7 @@ BEGIN, END = "<!-- table.py: begin -->", "<!-- table.py: end -->"
 
 
 def unit_results(spec: dict, arm: str, seed: int) -> dict | None:
-    """{stage: {"records": metrics records, "heldout": {domain: {"loss", "se", ...}}, "heldout_meta": ...}} of a
+    """{stage: {"records": metrics records, "heldout": {domain: {"loss", "stderr", ...}}, "heldout_meta": ...}} of a
     finished unit."""
     folder = results_dir(spec, arm, seed)
     if not folder.is_dir():

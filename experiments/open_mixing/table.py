@@ -66,7 +66,7 @@ def domain_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 row.append("-")
                 continue
             loss = statistics.fmean(u["train"]["heldout"][d]["loss"] for u in units)
-            se = statistics.fmean(u["train"]["heldout"][d]["se"] for u in units)
+            se = statistics.fmean(u["train"]["heldout"][d]["stderr"] for u in units)
             row.append(f"{loss:.3f} ± {se:.3f}")
         rows.append(row)
     return ["domain", *ARMS], rows
@@ -123,11 +123,11 @@ def item_difference(found: dict, task: str, other: str) -> str:
     return f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f} (n {len(diffs)})"
 
 
-def task_rows(spec: dict) -> list[list[str]]:
-    """Accuracy per task and arm (mean over seeds, n items a seed), and drpruning minus each other arm."""
+def task_rows(found: dict) -> list[list[str]]:
+    """Accuracy per task and arm (mean over seeds, n items a seed), and drpruning minus each other arm, from
+    {(arm, seed): tasks.json or None}."""
     rows = []
-    found = {(a, s): task_results(spec, a, s) for a, s in study_units(spec, None, None) if a in ARMS}
-    tasks = sorted({t for r in found.values() if r for t in r})
+    tasks = sorted({t for r in found.values() if r for t, v in r.items() if isinstance(v, dict)})  # not wall_s
     for task in tasks:
         row = [task]
         for arm in ARMS:
@@ -187,7 +187,7 @@ def main() -> None:
     ratio, where = repetition(results)
     if ratio:
         text.append(f"Largest per-domain repetition: {ratio:.2f} reads of the domain's training tokens ({where}).")
-    rows = task_rows(spec)
+    rows = task_rows({(a, s): task_results(spec, a, s) for a, s in study_units(spec, None, None) if a in ARMS})
     if rows:
         head = ["task", *ARMS, *(f"drpruning - {a}" for a in ARMS[:-1])]
         text.append("### Downstream accuracy\n\n" + md_table(head, rows))

@@ -14,7 +14,7 @@ mixing_table = load_table(ROOT / "experiments" / "open_mixing" / "table.py", "op
 
 
 def unit(losses, read=None, train_tokens=None):
-    held = {d: {"loss": v, "se": 0.1} for d, v in losses.items()}
+    held = {d: {"loss": v, "stderr": 0.1} for d, v in losses.items()}
     records = [{"kind": "train", "step": 500, "domain_tokens": read or {}, "proportions": {}}]
     return {"train": {"heldout": held, "records": records, "heldout_meta": {"train_tokens": train_tokens}}}
 
@@ -55,3 +55,16 @@ def test_downstream_difference_is_paired_by_item_over_the_items_both_scored():
     se = (sum((x - mean) ** 2 for x in diffs) / 5) ** 0.5 / math.sqrt(6)
     assert mixing_table.item_difference(found, "copa", "constant") == f"{mean:+.3f} ± {se:.3f} (n 6)"
     assert mixing_table.item_difference(found, "copa", "uniform") == "-"
+
+
+def test_task_rows_average_accuracy_over_seeds_and_skip_the_timing_entry():
+    found = {
+        ("drpruning", 0): {"copa": {"acc": 0.75, "n": 4, "correct": [1, 1, 0, 1]}, "wall_s": 12.5},
+        ("drpruning", 1): {"copa": {"acc": 0.25, "n": 4, "correct": [0, 0, 0, 1]}, "wall_s": 11.0},
+        ("constant", 0): {"copa": {"acc": 0.5, "n": 4, "correct": [0, 1, 0, 1]}, "wall_s": 9.0},
+        ("uniform", 0): None,  # not finished
+    }
+    [row] = mixing_table.task_rows(found)
+    assert row[:5] == ["copa", "0.500 (n 4)", "-", "-", "0.500 (n 4)"]
+    assert row[5] == mixing_table.item_difference(found, "copa", "constant")  # drpruning - constant
+    assert row[6:] == ["-", "-"]
