@@ -66,5 +66,5 @@ def test_task_rows_average_accuracy_over_seeds_and_skip_the_timing_entry():
     }
     [row] = mixing_table.task_rows(found)
     assert row[:5] == ["copa", "0.500 (n 4)", "-", "-", "0.500 (n 4)"]
-    assert row[5] == mixing_table.item_difference(found, "copa", "constant")  # drpruning - constant
+    assert row[5] == "+0.250 ± 0.250 (n 4)"  # seed 0 pairs only: differences 1, 0, 0, 0
     assert row[6:] == ["-", "-"]
