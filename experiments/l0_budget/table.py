@@ -47,7 +47,8 @@ def export_gap(unit: dict) -> float | None:
         return None
     records = unit["mask"]["records"]
     e = evals(records)
-    learnt = [r for r in e if r["step"] == learnt_until(records)]  # hardening may hold further evaluations
+    last = learnt_until(records)
+    learnt = [r for r in e if r["step"] == last]  # hardening may hold further evaluations
     if not learnt or e[-1] is learnt[-1]:
         return None
     return e[-1]["mean_loss"] - learnt[-1]["mean_loss"]

@@ -62,7 +62,10 @@ def shift_to_count(
 @torch.no_grad()
 def project_(pruner: Pruner, step: int) -> None:
     """Shift every structure's log-alphas (in place, clamped to their range) so that each row's expected kept
-    count is the target of `step` (the Lagrangian ramp's, when there is one)."""
+    count is the target of `step` (the Lagrangian ramp's, when there is one). While hardening it does nothing:
+    the exact masks stay as they are."""
+    if pruner.hardening:
+        return
     for s, a in pruner.log_alpha.items():
         size, _ = pruner.unit_count(s)
         kept = size * (1.0 - pruner.target_sparsity(s, step))

@@ -201,7 +201,7 @@ class Pruner(nn.Module):
         """Call after every optimiser step: clamp the masks (projected: onto the next step's size); with
         `lagrangian_reset`, zero each lambda1 that pushes the wrong way for the gap of the step's penalty."""
         self.clamp_()
-        if self.projected and not self.hardening:  # hardening: the exact masks stay as they are
+        if self.projected:
             project_(self, self._step + 1)
         if self.cfg.lagrangian_reset:
             with torch.no_grad():  # ascent makes lambda1 share the gap's sign; no host sync on the device
@@ -255,7 +255,7 @@ class Pruner(nn.Module):
         self.harden(step >= self.mask_steps)
         if self.deterministic:
             self.gate_temperature.fill_(sharpened_temperature(step / self.mask_steps))
-        if self.projected and not self.hardening:  # the sharper gates keep the count
+        if self.projected:  # the sharper gates keep the count
             project_(self, step)
 
     def harden(self, on: bool) -> None:
