@@ -27,7 +27,7 @@ TOTALS = (250, 1000)
 DOCS = HERE.parents[1] / "docs" / "pruning.md"  # its summary table, between markers
 EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
 SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_35_tuned": 0.35, "tuned_15": 0.15, "tuned_35": 0.35,
-          "tuned_60": 0.6, "projected_35": 0.35}
+          "tuned_15_bounded": 0.15, "tuned_60": 0.6, "projected_35": 0.35}
 L0_ARMS = ("l0", "tuned", "projected")  # the arm names' prefixes (after t<T>_) of learnt-mask arms
 
 

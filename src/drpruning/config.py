@@ -155,6 +155,10 @@ class PruningConfig:
     # the gate's value at a temperature that falls with sqrt(progress) to a fifth by the hardening (DDP's
     # sharpening, docs/method.md §2.10), so the forward approaches the exact masks it exports
     gates: str = "sampled"
+    # deterministic gates' log-alpha range: fixed [ln 0.01, ln 100], or `temperature`: +-3 x the gates' temperature,
+    # a quarter past where a gate reaches 0 or 1, so no gate sits in a flat top the multipliers cannot move it out
+    # of in time (docs/method.md §2.10)
+    log_alpha_bound: str = "fixed"
     # lagrangian: multipliers price the gap between expected and target size (the paper's); projected: after
     # every step each row's log-alphas shift by one amount so that its expected size is the target exactly
     # (no multipliers; docs/method.md §2.11)
@@ -342,6 +346,12 @@ def validate(cfg: RunConfig) -> None:
         if p.gates == "deterministic" and p.mask_samples == "sequence":
             raise ConfigError("pruning.mask_samples=sequence draws a mask per sequence, but deterministic gates "
                               "draw none: set pruning.mask_samples=micro_batch (or pruning.gates=sampled)")
+        if p.log_alpha_bound not in ("fixed", "temperature"):
+            raise ConfigError(f"config key 'pruning.log_alpha_bound' is {p.log_alpha_bound!r}: use fixed or "
+                              "temperature")
+        if p.log_alpha_bound == "temperature" and p.gates != "deterministic":
+            raise ConfigError("pruning.log_alpha_bound=temperature bounds deterministic gates by their temperature, "
+                              "but pruning.gates is sampled: set pruning.gates=deterministic (or the bound to fixed)")
         if not 0 <= p.hardening_steps < t.steps:
             raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
                               f"train.steps ({t.steps})")

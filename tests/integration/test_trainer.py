@@ -137,7 +137,7 @@ NEW_OPTIONS = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_
 
 DETERMINISTIC = ["pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2",
                  "pruning.gates=deterministic", "pruning.init=one_shot", "pruning.hardening_steps=2",
-                 "pruning.constraint=projected",
+                 "pruning.constraint=projected", "pruning.log_alpha_bound=temperature",
                  "train.distill.weight=0.5"]
 
 

@@ -12,6 +12,9 @@ LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100.0)
 SOFT_SCALE = 0.8  # deterministic value sigmoid(0.8 log_alpha / T), as in the authors' code
 GATE_FLOOR = 1e-6  # the smallest value a deterministic gate that the exact masks keep takes: a kept unit stays kept
 SHARPEN_END = 0.2  # deterministic gates end at a fifth of TEMPERATURE (DDP: its scale 2.4 / mu, mu 0.5 -> 0.1)
+# a deterministic gate is exactly 1 for log_alpha >= ln(r / -l) T and exactly 0 below -ln(r / -l) T; the bounded
+# range (pruning.log_alpha_bound: temperature) stops a quarter past those points
+BOUND_SCALE = 1.25 * math.log(LIMIT_R / -LIMIT_L)
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,18 @@ def deterministic_gate(log_alpha: torch.Tensor, temperature: torch.Tensor | floa
     gradient straight through (as DDP's), else a gate at 0 or 1 could never move again."""
     s = torch.sigmoid(log_alpha / temperature) * (LIMIT_R - LIMIT_L) + LIMIT_L
     return s + (s.clamp(0.0, 1.0) - s).detach()
+
+
+def log_alpha_range(temperature: float | None = None) -> tuple[float, float]:
+    """The range log_alpha is clamped to: [ln 0.01, ln 100], or with a deterministic gate's `temperature`
+    +-BOUND_SCALE x temperature within it. In the full range a gate can sit far inside its flat top (at T / 5
+    the edge is 0.32, ln 100 is 4.61), where its straight-through gradient all but vanishes (1e-14 at ln 100,
+    below Adam's eps) and the multipliers cannot move it; bounded, every gate stays within a quarter of its
+    edge (docs/method.md §2.10)."""
+    if temperature is None:
+        return LOG_ALPHA_MIN, LOG_ALPHA_MAX
+    b = BOUND_SCALE * float(temperature)
+    return max(LOG_ALPHA_MIN, -b), min(LOG_ALPHA_MAX, b)
 
 
 def soft_values(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -16,21 +16,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from drpruning.pruning.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
-
 if TYPE_CHECKING:
     from drpruning.pruning.pruner import Pruner
 
-BISECTION_STEPS = 48  # the shift's interval, 18.4 wide, halves to 7e-14: below float32's resolution
+BISECTION_STEPS = 48  # the shift's interval, at most 18.4 wide, halves to 7e-14: below float32's resolution
 COUNT_TOLERANCE = 1e-3  # kept units: a row this close to its target is left as it is (float32 sums)
 
 
 @torch.no_grad()
 def shift_to_count(
-    log_alpha: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor], kept: float, protected: torch.Tensor
+    log_alpha: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor], kept: float, protected: torch.Tensor,
+    bounds: tuple[float, float],
 ) -> torch.Tensor:
     """Per row (last dim), the shift `tau` of smallest magnitude with
-    sum(keep(clamp(log_alpha - tau))) over unprotected units + protected units = `kept`.
+    sum(keep(clamp(log_alpha - tau, *bounds))) over unprotected units + protected units = `kept`.
 
     `keep` maps log-alphas to each unit's expected keep (P(z > 0), or a deterministic gate's value); it is
     non-decreasing, so the count falls as `tau` grows and bisection finds the boundary of the set of shifts that
@@ -40,13 +39,13 @@ def shift_to_count(
     target = kept - prot.sum(-1).to(rows.dtype)
 
     def count(tau: torch.Tensor) -> torch.Tensor:
-        shifted = (rows - tau.unsqueeze(-1)).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        shifted = (rows - tau.unsqueeze(-1)).clamp(*bounds)
         return torch.where(prot, 0.0, keep(shifted)).sum(-1)
 
     zero = torch.zeros(rows.shape[0], dtype=rows.dtype, device=rows.device)
     now = count(zero)
     over, under = now > target + COUNT_TOLERANCE, now < target - COUNT_TOLERANCE
-    width = LOG_ALPHA_MAX - LOG_ALPHA_MIN  # any shift beyond this saturates every unit
+    width = bounds[1] - bounds[0]  # the rows lie within the bounds: any shift beyond this saturates every unit
     lo = torch.where(under, -width, 0.0).to(rows.dtype)  # over: the smallest tau >= 0 with count <= target
     hi = torch.where(over, width, 0.0).to(rows.dtype)  # under: the largest tau <= 0 with count >= target
     for _ in range(BISECTION_STEPS):
@@ -66,8 +65,9 @@ def project_(pruner: Pruner, step: int) -> None:
     the exact masks stay as they are."""
     if pruner.hardening:
         return
+    bounds = pruner.log_alpha_range()
     for s, a in pruner.log_alpha.items():
         size, _ = pruner.unit_count(s)
         kept = size * (1.0 - pruner.target_sparsity(s, step))
-        tau = shift_to_count(a, pruner.keep, kept, pruner.protected(s))
-        a.sub_(tau.unsqueeze(-1).to(a.dtype)).clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        tau = shift_to_count(a, pruner.keep, kept, pruner.protected(s), bounds)
+        a.sub_(tau.unsqueeze(-1).to(a.dtype)).clamp_(*bounds)

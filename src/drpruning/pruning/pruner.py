@@ -35,6 +35,7 @@ from drpruning.pruning.hard_concrete import (
     LOG_ALPHA_MIN,
     TEMPERATURE,
     deterministic_gate,
+    log_alpha_range,
     prob_nonzero,
     sample_hard_concrete,
     sharpened_temperature,
@@ -72,6 +73,7 @@ class Pruner(nn.Module):
         self.per_sequence = cfg.mask_samples == "sequence"
         self.deterministic = cfg.gates == "deterministic"
         self.projected = cfg.constraint == "projected"  # the size held by projection, not multipliers
+        self.bounded = self.deterministic and cfg.log_alpha_bound == "temperature"
         self._step = 0
         self.mask_steps = max(1, total_steps - cfg.hardening_steps)  # the sharpening ends where hardening starts
         # the last step of learnt masks before hardening: the trainer evaluates them there (the export gap's base)
@@ -80,28 +82,16 @@ class Pruner(nn.Module):
         self._seed = 0
         self._generator: torch.Generator | None = None
         src = self.source
-        shapes = {
-            "layer": (src.num_hidden_layers,),
-            "head": (
-                (src.num_hidden_layers, src.num_key_value_heads)
-                if self.head_mode == "kv_group"
-                else (src.num_hidden_layers, src.num_key_value_heads, src.group_size)
-            ),
-            "intermediate": (src.num_hidden_layers, src.intermediate_size),
-            "hidden": (src.hidden_size,),
-        }
+        heads = (src.num_key_value_heads,) + (() if self.head_mode == "kv_group" else (src.group_size,))
+        shapes = {"layer": (src.num_hidden_layers,), "head": (src.num_hidden_layers, *heads),
+                  "intermediate": (src.num_hidden_layers, src.intermediate_size), "hidden": (src.hidden_size,)}
         device = torch.device(device or "cpu")
         init = torch.Generator().manual_seed(INIT_SEED)
         # clamped at construction: above the range, every unit would get the same first step (exact ties)
-        self.log_alpha = nn.ParameterDict(
-            {
-                s: nn.Parameter(
-                    (torch.randn(shapes[s], generator=init) * cfg.init_log_alpha_std + cfg.init_log_alpha)
-                    .clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX).to(device)
-                )
-                for s in self.structures
-            }
-        )
+        self.log_alpha = nn.ParameterDict({
+            s: nn.Parameter((torch.randn(shapes[s], generator=init) * cfg.init_log_alpha_std + cfg.init_log_alpha)
+                            .clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX).to(device))
+            for s in self.structures})
         self.lambda1 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
         self.lambda2 = nn.ParameterDict({s: nn.Parameter(torch.zeros((), device=device)) for s in self.structures})
         # ties among equal soft values are cut by this key (smaller first): seeded random, or the calibration
@@ -191,11 +181,15 @@ class Pruner(nn.Module):
             },
         ]
 
+    def log_alpha_range(self) -> tuple[float, float]:
+        return log_alpha_range(float(self.gate_temperature) if self.bounded else None)
+
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Keep log_alpha in [ln 0.01, ln 100]."""
+        """Keep log_alpha in its range: [ln 0.01, ln 100], or bounded by the gates' temperature."""
+        lo, hi = self.log_alpha_range()
         for p in self.log_alpha.values():
-            p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+            p.clamp_(lo, hi)
 
     def after_step(self) -> None:
         """Call after every optimiser step: clamp the masks (projected: onto the next step's size); with
@@ -255,6 +249,8 @@ class Pruner(nn.Module):
         self.harden(step >= self.mask_steps)
         if self.deterministic:
             self.gate_temperature.fill_(sharpened_temperature(step / self.mask_steps))
+        if self.bounded and not self.hardening:  # the range narrows with the temperature
+            self.clamp_()
         if self.projected:  # the sharper gates keep the count
             project_(self, step)
 

@@ -18,40 +18,46 @@ from drpruning.pruning.pruner import Pruner
 TEMPERATURE = 0.3
 
 
-def gate(x: float, how: str) -> float:
+def gate(x: float, how: str, bounds: tuple[float, float] = (LOG_ALPHA_MIN, LOG_ALPHA_MAX)) -> float:
     """A unit's expected keep, with math: the deterministic gate at TEMPERATURE, or P(z > 0)."""
-    x = min(max(x, LOG_ALPHA_MIN), LOG_ALPHA_MAX)
+    x = min(max(x, bounds[0]), bounds[1])
     if how == "deterministic":
         return min(1.0, max(0.0, 1.2 / (1.0 + math.exp(-x / TEMPERATURE)) - 0.1))
     return 1.0 / (1.0 + math.exp(-(x - (2 / 3) * math.log(0.1 / 1.1))))
 
 
-def count(row: list[float], tau: float, protected: list[bool], how: str) -> float:
-    return sum(1.0 if p else gate(x - tau, how) for x, p in zip(row, protected, strict=True))
+def count(row: list[float], tau: float, protected: list[bool], how: str, bounds: tuple[float, float]) -> float:
+    return sum(1.0 if p else gate(x - tau, how, bounds) for x, p in zip(row, protected, strict=True))
 
 
 KEEP = {"deterministic": lambda a: deterministic_gate(a, TEMPERATURE), "sampled": prob_nonzero}
 
 
-@pytest.mark.parametrize("how", ["deterministic", "sampled"])
-def test_shift_meets_each_rows_count_and_is_the_smallest_that_does(how):
+FULL = (LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+
+# the bounded range is for deterministic gates: +-0.9 is a quarter past their edge at TEMPERATURE (+-0.72)
+@pytest.mark.parametrize(("how", "bounds"),
+                         [("deterministic", FULL), ("sampled", FULL), ("deterministic", (-0.9, 0.9))])
+def test_shift_meets_each_rows_count_and_is_the_smallest_that_does(how, bounds):
     g = torch.Generator().manual_seed(0)
-    a = (torch.randn(4, 40, generator=g) * 2).clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    a = torch.randn(4, 40, generator=g) * 2
     a[1] += 3.0  # every row's count differs from the target: above it, far above, below
     a[2] -= 3.0
+    a = a.clamp(*bounds)
     protected = torch.zeros(4, 40, dtype=torch.bool)
     protected[0, :5] = True
     kept = 25.0
-    tau = shift_to_count(a, KEEP[how], kept, protected)
+    tau = shift_to_count(a, KEEP[how], kept, protected, bounds)
     for r in range(4):
         row, prot, t = a[r].tolist(), protected[r].tolist(), float(tau[r])
-        assert count(row, t, prot, how) == pytest.approx(kept, abs=2e-3)
-        before = count(row, 0.0, prot, how)
+        assert count(row, t, prot, how, bounds) == pytest.approx(kept, abs=2e-3)
+        before = count(row, 0.0, prot, how, bounds)
         step = 1e-3 * (1 if t > 0 else -1)
         assert (before > kept) == (t > 0)  # too many kept: shift down the scale
-        assert abs(count(row, t - step, prot, how) - kept) > 2e-3  # a smaller shift misses the target
-    at_target = a[3:4] - tau[3]  # a row already at its count is left alone
-    assert float(shift_to_count(at_target, KEEP[how], kept, protected[3:4])[0]) == 0.0
+        assert abs(count(row, t - step, prot, how, bounds) - kept) > 2e-3  # a smaller shift misses the target
+    at_target = (a[3:4] - tau[3]).clamp(*bounds)  # a row already at its count is left alone
+    assert float(shift_to_count(at_target, KEEP[how], kept, protected[3:4], bounds)[0]) == 0.0
 
 
 def make(**kw) -> Pruner:
