@@ -56,6 +56,13 @@ def test_warmup_longer_than_run():
     assert "lagrangian_warmup_steps" in msg
 
 
+def test_log_alpha_bound_needs_deterministic_gates():
+    prune = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2"]
+    assert "set pruning.gates=deterministic" in err(*prune, "pruning.log_alpha_bound=temperature")
+    msg = err(*prune, "pruning.gates=deterministic", "pruning.log_alpha_bound=tight")
+    assert "'pruning.log_alpha_bound' is 'tight': use fixed or temperature" in msg
+
+
 def test_yaml_file_and_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run_dir: r\ntrain:\n  steps: 5\nmixing:\n  method: drpruning\n")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from drpruning.config import ConfigError, PruningConfig, RunConfig, validate
+from drpruning.config import PruningConfig
 from drpruning.pruning.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN, deterministic_gate, log_alpha_range
 from drpruning.pruning.pruner import Pruner
 
@@ -98,13 +98,3 @@ def test_init_at_the_one_shot_cut_keeps_its_exact_masks_when_bounded():
     for s, m in pruner.eval(exact=True).masks().items():
         assert torch.equal(m != 0, cut[s]), s
 
-
-def test_the_bound_is_validated():
-    cfg = RunConfig()
-    cfg.pruning.enabled, cfg.pruning.target = True, {"num_hidden_layers": 2}
-    cfg.pruning.log_alpha_bound = "temperature"
-    with pytest.raises(ConfigError, match="set pruning.gates=deterministic"):
-        validate(cfg)
-    cfg.pruning.log_alpha_bound = "tight"
-    with pytest.raises(ConfigError, match="'pruning.log_alpha_bound' is 'tight': use fixed or temperature"):
-        validate(cfg)
