@@ -27,7 +27,7 @@ TOTALS = (250, 1000)
 DOCS = HERE.parents[1] / "docs" / "pruning.md"  # its summary table, between markers
 EVIDENCE = HERE.parents[1] / "src" / "drpruning" / "plan" / "l0_evidence.json"  # read by `drpruning plan`
 SHARES = {"oneshot": 0.0, "l0_15": 0.15, "l0_35": 0.35, "l0_35_tuned": 0.35, "tuned_15": 0.15, "tuned_35": 0.35,
-          "tuned_15_bounded": 0.15, "tuned_60": 0.6, "projected_35": 0.35}
+          "tuned_60": 0.6, "projected_35": 0.35}
 L0_ARMS = ("l0", "tuned", "projected")  # the arm names' prefixes (after t<T>_) of learnt-mask arms
 
 
@@ -235,6 +235,11 @@ def main() -> None:
         text.append("### Mask-phase sweeps, T = 250, 35% (88 steps, then the exact cut)\n\n"
                     + md_table(SWEEP_HEADER, rows))
         text.append(f"Multipliers for the T = 1,000 `tuned` arms, by the rule above: {multiplier_choice(results)}.")
+    sweeps = [a for a in spec["arms"] if a.startswith("t1000_sweep_") and a in results]
+    if sweeps:  # against the mask phase of the whole arm they vary
+        rows = [sweep_row(a, results[a]) for a in ["t1000_tuned_15", *sweeps] if a in results]
+        text.append("### Mask-phase sweeps, T = 1,000, 15% (150 steps, then the exact cut)\n\n"
+                    + md_table(SWEEP_HEADER, rows))
     status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
     EVIDENCE.write_text(json.dumps(evidence(results), indent=1) + "\n")
