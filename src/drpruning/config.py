@@ -156,8 +156,8 @@ class PruningConfig:
     # sharpening, docs/method.md §2.10), so the forward approaches the exact masks it exports
     gates: str = "sampled"
     # deterministic gates' log-alpha range: fixed [ln 0.01, ln 100], or `temperature`: +-3 x the gates' temperature,
-    # a quarter past where a gate reaches 0 or 1, so no gate sits in a flat top the multipliers cannot move it out
-    # of in time (docs/method.md §2.10)
+    # a quarter past where a gate reaches 0 or 1, so no gate freezes deep in a flat top (docs/method.md §2.10;
+    # measured worse than fixed: freed gates swing or stay fractional)
     log_alpha_bound: str = "fixed"
     # lagrangian: multipliers price the gap between expected and target size (the paper's); projected: after
     # every step each row's log-alphas shift by one amount so that its expected size is the target exactly
