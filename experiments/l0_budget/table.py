@@ -121,7 +121,7 @@ def plot(spec: dict, results: dict, total: int, out: Path) -> Path | None:
     """Worst-domain in-run loss against tokens, one line per arm of `total` (its first finished seed)."""
     from matplotlib.figure import Figure
 
-    arms = [a for a in spec["arms"] if a.startswith(f"t{total}_") and a in results]
+    arms = finished(spec, results, f"t{total}_")
     if not arms:
         return None
     fig = Figure(figsize=(7, 4))
@@ -213,6 +213,16 @@ def docs_table(results: dict) -> str:
                      "export gap"], rows)
 
 
+def finished(spec: dict, results: dict, prefix: str) -> list[str]:
+    """The study's arms named `prefix`... with at least one finished unit, in study order."""
+    return [a for a in spec["arms"] if a.startswith(prefix) and a in results]
+
+
+def sweep_table(scope: str, arms: list[str], results: dict) -> str:
+    rows = [sweep_row(a, results[a]) for a in arms if a in results]
+    return f"### Mask-phase sweeps, {scope}, then the exact cut)\n\n" + md_table(SWEEP_HEADER, rows)
+
+
 def main() -> None:
     spec = load_study(HERE)
     results = all_results(spec)
@@ -224,22 +234,18 @@ def main() -> None:
         path = plot(spec, results, total, HERE / "images")
         if path:
             text.append(f"![worst-domain loss against tokens, T = {total}](images/{path.name})")
-    variants = [a for a in spec["arms"] if a.startswith("t250_l0_35_") and a in results]
+    variants = finished(spec, results, "t250_l0_35_")
     if variants:
         rows = [row(a, results[a], "35%") for a in ["t250_l0_35", *variants] if a in results]
         text.append("### L0 variants, T = 250, 35% mask phase\n\n" + md_table(HEADER, rows))
-    sweeps = [a for a in spec["arms"] if a.startswith("t250_sweep_") and a in results]
+    sweeps = finished(spec, results, "t250_sweep_")
     if sweeps:  # the mask phase alone: 88 steps and the exact cut; against the whole arms' mask phases
-        projected = [a for a in spec["arms"] if a.startswith("t250_projected") and a in results]
-        rows = [sweep_row(a, results[a]) for a in ["t250_l0_35", *variants, *projected, *sweeps] if a in results]
-        text.append("### Mask-phase sweeps, T = 250, 35% (88 steps, then the exact cut)\n\n"
-                    + md_table(SWEEP_HEADER, rows))
+        whole = ["t250_l0_35", *variants, *finished(spec, results, "t250_projected")]
+        text.append(sweep_table("T = 250, 35% (88 steps", whole + sweeps, results))
         text.append(f"Multipliers for the T = 1,000 `tuned` arms, by the rule above: {multiplier_choice(results)}.")
-    sweeps = [a for a in spec["arms"] if a.startswith("t1000_sweep_") and a in results]
+    sweeps = finished(spec, results, "t1000_sweep_")
     if sweeps:  # against the mask phase of the whole arm they vary
-        rows = [sweep_row(a, results[a]) for a in ["t1000_tuned_15", *sweeps] if a in results]
-        text.append("### Mask-phase sweeps, T = 1,000, 15% (150 steps, then the exact cut)\n\n"
-                    + md_table(SWEEP_HEADER, rows))
+        text.append(sweep_table("T = 1,000, 15% (150 steps", ["t1000_tuned_15", *sweeps], results))
     status = status_lines(spec, results)
     write_between_markers(HERE / "README.md", "\n\n".join(text) + "\n\nRun status:\n\n" + "\n".join(status))
     EVIDENCE.write_text(json.dumps(evidence(results), indent=1) + "\n")
