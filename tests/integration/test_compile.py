@@ -3,9 +3,10 @@
 import pytest
 import torch
 from run_helpers import overrides
-from tiny_models import save_tiny
+from tiny_models import save_tiny, tiny_model
 
 from drpruning.config import ConfigError, load_config
+from drpruning.pruning.importance import importance_scores
 from drpruning.training import compiling
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import Trainer
@@ -18,9 +19,10 @@ ONE_SHOT = ["pruning.enabled=true", "pruning.method=importance", "pruning.target
 
 
 def _losses(tmp_path, model_dir, compile_: bool, extra: list[str]) -> tuple[list[float], list[float], Trainer]:
+    # whole evaluation batches: a last batch of one would be one more graph to compile
     items = overrides(tmp_path, model_dir, **{"train.steps": STEPS, "train.dtype": "bfloat16",
                                               "train.eval_every": 5, "train.checkpoint_every": STEPS,
-                                              "train.compile": str(compile_).lower()}) + extra
+                                              "data.eval_sequences": 4, "train.compile": str(compile_).lower()}) + extra
     trainer = Trainer(load_config(None, items))
     trainer.run()
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -49,6 +51,21 @@ def test_compiled_run_matches_eager_over_20_steps(tmp_path, extra):
     # bf16 autocast: fused kernels round differently (measured: at most 2e-4 nats apart over the 20 steps)
     assert compiled == pytest.approx(eager, abs=1e-2)
     assert compiled_eval == pytest.approx(eager_eval, abs=1e-2)
+
+
+def test_calibration_through_compiled_layers_compiles_nothing():
+    # its hooks guard on the layer index: compiled, a 30-layer model spent 30 of the recompile limit's graphs
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled, plain = tiny_model("llama"), tiny_model("llama")
+    compiling.compile_layers(compiled)
+    batches = [torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(0))]
+    before = counters["stats"]["unique_graphs"]
+    scores, massive = importance_scores(compiled, batches)
+    assert counters["stats"]["unique_graphs"] == before
+    expected, expected_massive = importance_scores(plain, batches)
+    assert all(torch.equal(scores[k], expected[k]) for k in expected) and torch.equal(massive, expected_massive)
 
 
 def test_math_attention_only_for_a_trained_model_on_a_cpu_at_short_sequences(tmp_path):

@@ -65,9 +65,12 @@ def importance_scores(model: nn.Module, batches: list[torch.Tensor],
     was_training = model.training
     model.eval()
     try:
-        for ids in batches:
-            model(input_ids=ids.to(next(model.parameters()).device))
-            tokens += ids.numel()
+        # eager even where the layers are compiled: each hook's layer index is a guard, so a compiled pass
+        # would build a graph per layer and spend the recompile limit the training graphs need
+        with torch.compiler.set_stance("force_eager"):
+            for ids in batches:
+                model(input_ids=ids.to(next(model.parameters()).device))
+                tokens += ids.numel()
     finally:
         model.train(was_training)
         for h in handles:
