@@ -19,15 +19,17 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/drpruning demo --out runs/demo
 
-# the default suite (two worker processes: docs/benchmarks.md, "Test suite"), then the slow end-to-end tests
-# once, in one process (each loads the real model)
+# the default suite in two worker processes (docs/benchmarks.md, "Test suite")
+DEFAULT_SUITE := $(VENV)/bin/pytest -m "not slow" -q -n 2
+
+# the default suite, then the slow end-to-end tests once, in one process (each loads the real model)
 test: venv
 	$(VENV)/bin/ruff check src tests bench experiments
-	$(VENV)/bin/pytest -m "not slow" -q -n 2
+	$(DEFAULT_SUITE)
 	$(VENV)/bin/pytest -m slow -q --durations=12
 
 test-fast: venv
-	$(VENV)/bin/pytest -m "not slow" -q -n 2
+	$(DEFAULT_SUITE)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench experiments
