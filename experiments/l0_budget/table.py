@@ -126,7 +126,7 @@ def plot(spec: dict, results: dict, total: int, out: Path) -> Path | None:
         return None
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for arm in arms:
+    for i, arm in enumerate(arms):
         unit = results[arm][min(results[arm])]
         xs, ys, offset = [], [], 0
         for stage in unit.values():
@@ -134,7 +134,8 @@ def plot(spec: dict, results: dict, total: int, out: Path) -> Path | None:
                 xs.append(offset + r["tokens"])
                 ys.append(r["worst_loss"])
             offset += max(r["tokens"] for r in stage["records"] if r["kind"] == "train")
-        ax.plot(xs, ys, label=arm, linewidth=1)
+        # matplotlib cycles 10 colours; past them a dashed line keeps each arm distinct
+        ax.plot(xs, ys, label=arm, linewidth=1, linestyle=("-", "--", ":")[i // 10 % 3])
     ax.set(xlabel="training tokens (mask phase + compact model)", ylabel="worst-domain held-out loss (in-run)",
            title=f"T = {total} steps, seed {min(results[arms[0]])}")
     ax.legend(fontsize=7)
