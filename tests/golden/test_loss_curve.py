@@ -9,11 +9,11 @@ import pytest
 from loss_curve import ASSET, run
 
 REL = 1e-6  # losses: torch on one thread agrees to 2e-7 between an AVX2 and an AVX512 CPU
-# The mixer's outputs come out of scipy's least-squares fit of the scaling law, whose iterations follow the
-# CPU's SIMD path. In the pruning stage the references extrapolate a fit of 11-20 noisy points, whose valley is
-# flat: where scipy stops in it moves them by 1.1e-2 between an AVX2 and an AVX512-BF16 CPU (1.4e-4 between two
-# others). Changes of the mixing maths move them by more: mixing.ratio_from 0.2 -> 0.25 by 4.4e-2 (losses
-# unchanged), rho 0.1 -> 0.11 by 0.38, one kept fit instead of three by 0.47.
+# The mixer's outputs come out of scipy's least-squares fit of the scaling law, whose iterations follow the CPU's
+# SIMD path. In the pruning stage the references extrapolate a fit of 11-20 noisy points, whose valley is flat:
+# where scipy stops in it moves them by 1.1e-2 between the stored curve and an AMD EPYC with AVX512-BF16 (1.4e-4
+# between an AVX2 and an AVX512 CPU). Changes of the mixing maths move them by more: mixing.ratio_from 0.2 ->
+# 0.25 by 4.4e-2 (losses unchanged), rho 0.1 -> 0.11 by 0.38, one kept fit instead of three by 0.47.
 REL_MIX = {"prune": 3e-2, "cpt": 1e-3}
 MIXER_FIELDS = ("proportions", "mix_weights")
 
