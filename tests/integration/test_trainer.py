@@ -1,6 +1,7 @@
 """The training loop: per-domain loss accounting, run directory, exact resume after SIGKILL."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -278,6 +279,18 @@ def test_learnt_masks_are_evaluated_where_hardening_starts(tmp_path, model_dir):
     expected, exact = (shape_summary(trainer.pruner, exact=e) for e in (False, True))
     assert expected != exact  # the ramp's one step leaves the expected size above the target
     assert evals[1]["shape"] == json.loads(json.dumps(expected)) and evals[2]["shape"] == json.loads(json.dumps(exact))
+    # the export gap: the exact masks' last evaluation against the learnt masks' (hardening trains in between)
+    final = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "final"][-1]
+    assert final["export_gap"] == pytest.approx(evals[3]["mean_loss"] - evals[1]["mean_loss"], abs=1e-12)
+
+
+def test_a_large_export_gap_is_a_warning(tmp_path, model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(health, "EXPORT_GAP_NATS", -100.0)  # any gap is above it
+    ov = overrides(tmp_path, model_dir, **{"train.steps": 3, "train.eval_every": 4}) + [
+        "pruning.enabled=true", "pruning.method=l0", "pruning.target.num_hidden_layers=2", "pruning.hardening_steps=1"]
+    with caplog.at_level(logging.WARNING, logger=health.__name__):
+        Trainer(load_config(None, ov)).run()
+    assert any("export gap" in r.getMessage() and "at step 2" in r.getMessage() for r in caplog.records)
 
 
 def test_one_shot_cuts_at_step_zero_and_trains_the_compact_model(tmp_path, model_dir):

@@ -13,6 +13,7 @@ from drpruning.training.metrics import MetricsLog, read_metrics
 log = logging.getLogger(__name__)
 SPIKE_NATS, SPIKE_EMA, SPIKE_AFTER = 1.0, 0.1, 5  # warn when a loss is 1 nat above its running average
 UNIFORM_LEVEL = 0.99  # a held-out loss at this fraction of ln(vocab) or above: the model predicts ~uniformly
+EXPORT_GAP_NATS = 0.05  # exact masks this far above the last learnt ones: the masks had not settled
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +71,21 @@ def check_exportable(metrics_path: Path, vocab_size: int) -> str:
         return (f"mean held-out loss {mean:.3f} is at the level of a uniform prediction (ln vocab = {uniform:.2f}; "
                 f"it started at {start:.3f})")
     return ""
+
+
+def export_gap(metrics_path: Path, learnt_step: int) -> float | None:
+    """Held-out mean loss of the exact masks (the last evaluation) minus that of the last learnt masks (the
+    evaluation at `learnt_step`, where hardening starts); None without both."""
+    evals = [r for r in read_metrics(metrics_path) if r["kind"] == "eval"]
+    learnt = [r for r in evals if r["step"] == learnt_step]
+    if not learnt or evals[-1] is learnt[-1]:
+        return None
+    gap = evals[-1]["mean_loss"] - learnt[-1]["mean_loss"]
+    if gap > EXPORT_GAP_NATS:
+        log.warning("export gap %.3f nats: the exact masks' held-out mean loss is above the learnt masks' at step "
+                    "%d, so the masks had not settled into the target shape. A longer mask phase, or "
+                    "pruning.method=importance (docs/pruning.md, 'Learnt masks or one-shot')", gap, learnt_step)
+    return gap
 
 
 def export_refusal(out: Path, problem: str) -> str:

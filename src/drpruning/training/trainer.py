@@ -35,7 +35,7 @@ from drpruning.training import compiling, parallel
 from drpruning.training import distributed as dist
 from drpruning.training.cpu_memory import keep_freed_memory
 from drpruning.training.distill import load_teacher
-from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_refusal
+from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_gap, export_refusal
 from drpruning.training.metrics import MetricsLog, progress
 from drpruning.training.optim import build_optimizers, build_schedulers
 
@@ -313,6 +313,8 @@ class Trainer:
             if self.pruner is not None:
                 export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
                 shape, extra = self.pruner.target, {"tie_groups": tie_groups(self.pruner, exact=True)}
+                if self.pruner.last_learnt_step is not None:
+                    extra["export_gap"] = export_gap(self.run_dir / "metrics.jsonl", self.pruner.last_learnt_step)
             else:  # continued pretraining, or a one-shot run: the model is already compact
                 save_model(model, out, self.tokenizer, self.save_dtype)
                 shape, extra = source_shape(self.model.config), {"tie_groups": self.cut["tie_groups"]} if self.cut \
