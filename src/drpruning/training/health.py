@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 from drpruning.training.checkpoint import Checkpointer
 from drpruning.training.metrics import MetricsLog, read_metrics
@@ -73,19 +74,22 @@ def check_exportable(metrics_path: Path, vocab_size: int) -> str:
     return ""
 
 
-def export_gap(metrics_path: Path, learnt_step: int) -> float | None:
-    """Held-out mean loss of the exact masks (the last evaluation) minus that of the last learnt masks (the
-    evaluation at `learnt_step`, where hardening starts); None without both."""
+def export_gap_record(metrics_path: Path, pruner: Any) -> dict[str, float]:
+    """{"export_gap": the exact masks' held-out mean loss (the last evaluation) minus that of the last learnt
+    masks (evaluated where hardening starts)}, or {} for a run without hardening or either evaluation."""
+    step = pruner.last_learnt_step
+    if step is None:
+        return {}
     evals = [r for r in read_metrics(metrics_path) if r["kind"] == "eval"]
-    learnt = [r for r in evals if r["step"] == learnt_step]
+    learnt = [r for r in evals if r["step"] == step]
     if not learnt or evals[-1] is learnt[-1]:
-        return None
+        return {}
     gap = evals[-1]["mean_loss"] - learnt[-1]["mean_loss"]
     if gap > EXPORT_GAP_NATS:
         log.warning("export gap %.3f nats: the exact masks' held-out mean loss is above the learnt masks' at step "
                     "%d, so the masks had not settled into the target shape. A longer mask phase, or "
-                    "pruning.method=importance (docs/pruning.md, 'Learnt masks or one-shot')", gap, learnt_step)
-    return gap
+                    "pruning.method=importance (docs/pruning.md, 'Learnt masks or one-shot')", gap, step)
+    return {"export_gap": gap}
 
 
 def export_refusal(out: Path, problem: str) -> str:

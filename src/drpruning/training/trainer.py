@@ -35,7 +35,7 @@ from drpruning.training import compiling, parallel
 from drpruning.training import distributed as dist
 from drpruning.training.cpu_memory import keep_freed_memory
 from drpruning.training.distill import load_teacher
-from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_gap, export_refusal
+from drpruning.training.health import HealthGuard, TrainingError, check_exportable, export_gap_record, export_refusal
 from drpruning.training.metrics import MetricsLog, progress
 from drpruning.training.optim import build_optimizers, build_schedulers
 
@@ -86,8 +86,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_checkpoints)
         cfg.pruning = shape_search.searched(cfg, self.model, self.corpus, self.forward_dtype, self.main)  # best shape
 
-        self.pruner, self.cut, source = None, None, None
-        final_sparsity = None
+        self.pruner, self.cut, source, final_sparsity = None, None, None, None
         if cfg.pruning.enabled:
             pruner = Pruner(self.model.config, cfg.pruning, t.steps, self.device)
             pruner.seed(t.seed * RANK_SEED_STRIDE + dist.rank())
@@ -312,9 +311,8 @@ class Trainer:
         if self.main:
             if self.pruner is not None:
                 export_model(model, self.pruner, out, self.tokenizer, dtype=self.save_dtype)
-                shape, extra = self.pruner.target, {"tie_groups": tie_groups(self.pruner, exact=True)}
-                if self.pruner.last_learnt_step is not None:
-                    extra["export_gap"] = export_gap(self.run_dir / "metrics.jsonl", self.pruner.last_learnt_step)
+                shape, extra = self.pruner.target, {"tie_groups": tie_groups(self.pruner, exact=True),
+                                                    **export_gap_record(self.run_dir / "metrics.jsonl", self.pruner)}
             else:  # continued pretraining, or a one-shot run: the model is already compact
                 save_model(model, out, self.tokenizer, self.save_dtype)
                 shape, extra = source_shape(self.model.config), {"tie_groups": self.cut["tie_groups"]} if self.cut \
