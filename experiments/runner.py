@@ -28,10 +28,11 @@ study.yaml:
       items_for: {drpruning: 300}        # per-arm overrides
 
 A unit (arm, seed) works in runs/STUDY/ARM/seed-K/STAGE/ (checkpoints, models: not committed). A stage whose
-model exists is skipped, one with checkpoints resumes (resume=true, exact). Each stage's model is evaluated on
-the whole held-out split (STAGE/heldout.json; the same documents for every arm: the split depends on the data
-keys only). When the last stage is done, each stage's metrics.jsonl (gzipped) and held-out losses are copied
-into STUDY/results/ARM/seed-K/, which is committed: tables regenerate from it on any checkout.
+model exists is skipped, one with checkpoints resumes (resume=true, exact), and one whose whole config (run
+directory aside) equals a finished stage's of another unit copies that stage's model and metrics. Each stage's
+model is evaluated on the whole held-out split (STAGE/heldout.json; the same documents for every arm: the split
+depends on the data keys only). When the last stage is done, each stage's metrics.jsonl (gzipped) and held-out
+losses are copied into STUDY/results/ARM/seed-K/, which is committed: tables regenerate from it on any checkout.
 """
 
 from __future__ import annotations
@@ -95,10 +96,51 @@ def run_stage(spec: dict, run_dir: Path, source: str, seed: int, overrides: list
     cfg = load_config(str(spec["dir"] / (config or spec["base"])),
                       [f"run_dir={run_dir}", f"resume={str(resume).lower()}", f"model.source={source}",
                        f"train.seed={seed}", f"train.distill.teacher={spec['source']}", *overrides])
+    if not resume and (done := same_stage(spec, run_dir, cfg)):
+        return copy_stage(done, run_dir, cfg)
     log.info("%s: %s", run_dir, "resuming" if resume else "starting")
     out = train(cfg)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the model is exported; checkpoints are large
     return out
+
+
+def settings(cfg: Any) -> dict:
+    """A run config as plain data, less where it runs and whether it resumed."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg)))
+    return {k: v for k, v in data.items() if k not in ("run_dir", "resume")}
+
+
+def same_stage(spec: dict, run_dir: Path, cfg: Any) -> Path | None:
+    """A finished stage of another unit (its held-out losses written) that ran this stage's config, if any: a
+    run is deterministic given its config on one machine, so running it again would only repeat it."""
+    from omegaconf import OmegaConf
+
+    mine = settings(OmegaConf.structured(cfg))
+    for saved in sorted((RUNS / spec["name"]).glob("*/seed-*/*/config.yaml")):
+        other = saved.parent
+        if other != run_dir and (other / "heldout.json").is_file() and (other / "model" / "config.json").is_file() \
+                and settings(OmegaConf.load(saved)) == mine:
+            return other
+    return None
+
+
+def copy_stage(done: Path, run_dir: Path, cfg: Any) -> Path:
+    """This stage's config, metrics and model, copied from `done`; the model last, as it marks the stage done
+    (the held-out losses are evaluated again)."""
+    from drpruning.config import save_config
+
+    log.info("%s: the same config as %s, which is finished: copying its model and metrics", run_dir, done)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    shutil.copy2(done / "metrics.jsonl", run_dir / "metrics.jsonl.tmp")
+    os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+    tmp = run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(done / "model", tmp)
+    os.replace(tmp, run_dir / "model")
+    return run_dir / "model"
 
 
 def heldout(spec: dict, model_dir: Path, out: Path, extra: dict) -> None:

@@ -101,3 +101,29 @@ def test_an_arm_can_have_its_own_seeds(tmp_path):
     (folder / "study.yaml").write_text(json.dumps({**spec, "seeds_for": {"c": [0]}}))
     with pytest.raises(SystemExit, match=r"seeds_for names arms it does not have: \['c'\]"):
         runner.load_study(folder)
+
+
+def test_a_stage_with_the_config_of_a_finished_one_is_copied_not_run_again(study, monkeypatch):
+    import drpruning.training.trainer as trainer
+
+    # l0's mask stage, then a longer second stage; and the same mask stage on another seed
+    study["arms"]["l0_long"] = [study["arms"]["l0"][0], {"stage": "train", "config": "cpt.yaml",
+                                                          "overrides": ["train.steps=3"]}]
+    study["seeds_for"] = {"l0_long": [0, 1]}
+    runner.run(study, ["l0"], None)
+    ran = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg: ran.append(cfg.run_dir) or real_train(cfg))
+    runner.run(study, ["l0_long"], None)
+    units = runner.RUNS / "tiny_study"
+    assert ran == [str(units / "l0_long" / "seed-0" / "train"),
+                   str(units / "l0_long" / "seed-1" / "mask"), str(units / "l0_long" / "seed-1" / "train")]
+    results = tables.all_results(study)
+    first, copied, other_seed = results["l0"][0], results["l0_long"][0], results["l0_long"][1]
+    assert copied["mask"]["records"] == first["mask"]["records"]
+    # evaluated again from the copied model: the same losses as the original's
+    assert copied["mask"]["heldout"] == first["mask"]["heldout"]
+    assert other_seed["mask"]["heldout"] != first["mask"]["heldout"]
+    assert [r["step"] for r in copied["train"]["records"] if r["kind"] == "train"] == [1, 2, 3]
+    saved = (units / "l0_long" / "seed-0" / "mask" / "config.yaml").read_text()
+    assert f"run_dir: {units / 'l0_long' / 'seed-0' / 'mask'}" in saved
