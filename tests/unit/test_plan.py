@@ -234,3 +234,26 @@ def test_data_disk_exact_when_prepared_else_estimated(tmp_path):
     d = data_disk(cfg, vocab_size=32000)
     assert (d.tokens, d.bytes, d.estimated, d.unknown) == (1000 + 332, 1000 * 2 + 664, True, ("c",))
     assert data_disk(cfg, vocab_size=152064).bytes == 1000 * 4 + 664
+
+
+SHIPPED = [*(pytest.param(ROOT / "configs" / f"{n}.yaml", id=n) for n in (
+    "prune-llama2-7b-1.3b", "prune-llama2-7b-2.7b", "prune-qwen2-7b-1.5b", "prune-llama3.1-8b-4b",
+    "prune-qwen2.5-7b-3b")),
+    # SmolLM2 sources: their parameter count needs the converted default model (the slow suite has it)
+    *(pytest.param(p, id=p.stem, marks=pytest.mark.slow) for p in (
+        ROOT / "configs" / "prune-smollm2-60m.yaml", ROOT / "src" / "drpruning" / "configs" / "demo_prune.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_pruning_configs_use_the_method_the_committed_evidence_recommends(path, offline, request,
+                                                                              tmp_path):
+    from drpruning.plan.recommend import recommend
+
+    cfg = load_config(path, [f"run_dir={tmp_path}"])  # the demo's config leaves run_dir to its command
+    if "smollm2" in cfg.model.source:
+        request.getfixturevalue("default_model_dir")
+    t = cfg.train
+    tokens = t.steps * t.batch_size * cfg.data.seq_len
+    method, why = recommend(tokens, make_plan(cfg, world=8, memory_gb=80).source.total)
+    assert cfg.pruning.method == method, (f"{path.name} has pruning.method={cfg.pruning.method} but the committed "
+                                          f"equal-token evidence recommends {method}: {why}")
