@@ -55,7 +55,8 @@ def test_the_committed_evidence_is_what_the_committed_results_give():
     import json
 
     spec = table.load_study(table.HERE)
-    assert json.loads(table.EVIDENCE.read_text()) == json.loads(json.dumps(table.evidence(table.all_results(spec))))
+    written = table.evidence(table.all_results(spec), spec["arms"])
+    assert json.loads(table.EVIDENCE.read_text()) == json.loads(json.dumps(written))
 
 
 def test_the_multiplier_rule_waits_for_candidates_and_takes_the_lowest_eligible():
@@ -89,7 +90,13 @@ def test_the_evidence_takes_the_lowest_learnt_mask_arm_of_any_kind_on_shared_see
                "t250_projected_35": {0: l0(4.30), 1: l0(4.26), 2: l0(4.0)},  # seed 2: no one-shot to pair with
                "t250_sweep_x": {0: l0(3.0), 1: l0(3.0)},  # a sweep is no whole pipeline
                "t250_l0_15": {0: l0(4.1)}}  # one seed: not yet evidence
-    (point,) = table.evidence(results)["points"]
+    mask = {"stage": "mask", "overrides": ["pruning.method=l0", "train.steps=88", "pruning.hardening_steps=8",
+                                           "pruning.mask_lr=0.1"]}
+    arms = {"t250_projected_35": [mask, {"stage": "train", "overrides": ["train.steps=162"]}]}
+    (point,) = table.evidence(results, arms)["points"]
     assert point["l0_arm"] == "t250_projected_35" and point["seeds"] == [0, 1]
+    # its mask phase for a run of any length: 88 of 250 steps, hardening 8 of those 88
+    assert point["l0_recipe"] == {"share": 0.352, "overrides": [
+        "pruning.method=l0", "pruning.hardening_steps=9% of the mask phase", "pruning.mask_lr=0.1"]}
     assert point["gap_worst"] == [pytest.approx(4.30 - 4.40), pytest.approx(4.26 - 4.30)]
     assert point["tokens_per_param"] == pytest.approx(250 * 2048 / 1_000_000, abs=1e-6)

@@ -46,3 +46,11 @@ def test_beyond_the_measured_budgets_it_says_so():
     assert m == "importance" and "10x the largest measured one" in why, why
     m, why = recommend(10**6, 10**8, {"points": []})
     assert m == "importance" and "no equal-token measurement" in why
+
+
+def test_an_l0_recommendation_gives_the_measured_recipe():
+    recipe = {"share": 0.15, "overrides": ["pruning.method=l0", "pruning.hardening_steps=10% of the mask phase"]}
+    m, why = recommend(int(0.02 * 1e8), 100_000_000, {"points": [{**WINNING, "l0_recipe": recipe}]})
+    assert m == "l0" and why.endswith("; its recipe: learn the masks over the first 15% of the steps with "
+                                      "pruning.method=l0, pruning.hardening_steps=10% of the mask phase, then train "
+                                      "the exported compact model for the rest"), why

@@ -3,8 +3,8 @@ against one-shot importance pruning + distillation (experiments/l0_budget).
 
 The study's table command writes `l0_evidence.json` beside this file from its committed results: per total
 budget, the tokens per source parameter and, for the same seeds, the end-of-pipeline worst-domain held-out loss
-of one-shot + KD and of the best L0 arm. A budget is read in tokens per source parameter, the unit that carries
-from SmolLM2-135M to a 7B source.
+of one-shot + KD and of the best L0 arm, and that arm's recipe. A budget is read in tokens per source parameter,
+the unit that carries from SmolLM2-135M to a 7B source.
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def _gap(point: dict[str, Any]) -> str:
             f"tokens/parameter ({point['total_steps']} steps x {point['tokens_per_step']:,} tokens)")
 
 
+def _recipe(point: dict[str, Any]) -> str:
+    r = point.get("l0_recipe")
+    if not r:
+        return ""
+    return (f"; its recipe: learn the masks over the first {r['share']:.0%} of the steps with "
+            f"{', '.join(r['overrides'])}, then train the exported compact model for the rest")
+
+
 def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None = None) -> tuple[str, str]:
     """(pruning.method, why) for a pruning pipeline of `tokens` on a source of `source_params`."""
     ev = load_evidence() if evidence is None else evidence
@@ -62,7 +70,8 @@ def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None =
                               "(experiments/l0_budget), and one-shot + distillation is the recipe the demo measured")
     crossing = next((p for p in points if l0_wins(p)), None)
     if crossing is not None and tpp >= crossing["tokens_per_param"]:
-        return "l0", f"{here}; learnt masks beat one-shot + KD on worst-domain loss from there: {_gap(crossing)}"
+        return "l0", (f"{here}; learnt masks beat one-shot + KD on worst-domain loss from there: {_gap(crossing)}"
+                      + _recipe(crossing))
     below = [p for p in points if p["tokens_per_param"] <= tpp]
     nearest = below[-1] if below else points[0]
     verdict = ("ended lower than, but within twice the seed range of," if lower(nearest)  # a third seed decides
