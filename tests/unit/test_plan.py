@@ -247,13 +247,11 @@ SHIPPED = [*(pytest.param(ROOT / "configs" / f"{n}.yaml", id=n) for n in (
 @pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_pruning_configs_use_the_method_the_committed_evidence_recommends(path, offline, request,
                                                                               tmp_path):
-    from drpruning.plan.recommend import recommend
+    from drpruning.plan.recommend import recommend_config
 
     cfg = load_config(path, [f"run_dir={tmp_path}"])  # the demo's config leaves run_dir to its command
     if "smollm2" in cfg.model.source:
         request.getfixturevalue("default_model_dir")
-    t = cfg.train
-    tokens = t.steps * t.batch_size * cfg.data.seq_len
-    method, why = recommend(tokens, make_plan(cfg, world=8, memory_gb=80).source.total)
+    method, why = recommend_config(cfg, make_plan(cfg, world=8, memory_gb=80).source.total)
     assert cfg.pruning.method == method, (f"{path.name} has pruning.method={cfg.pruning.method} but the committed "
                                           f"equal-token evidence recommends {method}: {why}")

@@ -84,10 +84,15 @@ def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None =
     return "importance", why
 
 
+def recommend_config(cfg: Any, source_params: int) -> tuple[str, str]:
+    """`recommend` for a pruning config's whole token budget."""
+    t = cfg.train
+    return recommend(t.steps * t.batch_size * cfg.data.seq_len, source_params)
+
+
 def recommendation_line(cfg: Any, source_params: int) -> str:
     """`recommended: pruning.method=...` for the plan of a pruning config."""
-    t = cfg.train
-    method, why = recommend(t.steps * t.batch_size * cfg.data.seq_len, source_params)
+    method, why = recommend_config(cfg, source_params)
     name = {"importance": "importance (one-shot + distillation)", "l0": "l0 (learnt masks)"}[method]
     change = "" if cfg.pruning.method == method else f" (this config has pruning.method={cfg.pruning.method})"
     return f"recommended: pruning.method={name}{change}: {why}"
