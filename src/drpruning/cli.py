@@ -31,13 +31,13 @@ def _config_without_run(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace, pruning: bool = False) -> int:
     from drpruning.config import load_config
-    from drpruning.training.trainer import train
+    from drpruning.training.stages import run
 
     config, overrides = _config_and_overrides(args)
     if pruning:
         overrides = ["pruning.enabled=true", *overrides]
     cfg = load_config(config, overrides)
-    out = train(cfg)
+    out = run(cfg)
     logging.getLogger("drpruning").info("model written to %s", out)
     return 0
 

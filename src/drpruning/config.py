@@ -148,6 +148,9 @@ class PruningConfig:
     # the one-shot cut) is not a gap, and the multipliers' Adam would turn its sign into full-size steps
     gap_tolerance: float = 1e-6
     hardening_steps: int = 0  # the last N steps train the weights under the exact target masks (masks fixed)
+    # l0 only: learn the masks over the first N of train.steps (RUN_DIR/mask-phase), then train the exported
+    # compact model for the rest, distilled from the source (training/stages.py); 0: masks over the whole run
+    mask_phase_steps: int = 0
     # one mask sample per `micro_batch` (folded into the weights), or one per `sequence` of it (applied to the
     # activations: a step averages more samples, at ~10% more activation memory than the planner counts)
     mask_samples: str = "micro_batch"
@@ -322,10 +325,15 @@ def validate(cfg: RunConfig) -> None:
                               "use layer, head, intermediate, hidden")
         if p.head_mode not in ("kv_group", "query"):
             raise ConfigError(f"config key 'pruning.head_mode' is {p.head_mode!r}: use kv_group or query")
+        m = p.mask_phase_steps
+        if m and not (p.method == "l0" and 0 < m < t.steps):
+            raise ConfigError(f"config key 'pruning.mask_phase_steps' is {m!r}: with pruning.method=l0, a number of "
+                              f"steps below train.steps ({t.steps}), the rest training the compact model; or 0")
+        phase = m or t.steps  # the steps the masks learn over
         w = p.lagrangian_warmup_steps
-        if w is not None and not 0 <= w <= t.steps:
-            raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the run has "
-                              f"{t.steps} steps: the warmup must fit in the run (e.g. 20% of train.steps)")
+        if w is not None and not 0 <= w <= phase:
+            raise ConfigError(f"config key 'pruning.lagrangian_warmup_steps' is {w} but the masks learn over "
+                              f"{phase} steps: the warmup must fit in them (e.g. 20% of train.steps)")
         if p.shape not in ("proportional", "search"):
             raise ConfigError(f"config key 'pruning.shape' is {p.shape!r}: use search (score the shapes within 2% "
                               "of pruning.target_params) or proportional (shrink every dimension by one factor)")
@@ -352,9 +360,9 @@ def validate(cfg: RunConfig) -> None:
         if p.log_alpha_bound == "temperature" and p.gates != "deterministic":
             raise ConfigError("pruning.log_alpha_bound=temperature bounds deterministic gates by their temperature, "
                               "but pruning.gates is sampled: set pruning.gates=deterministic (or the bound to fixed)")
-        if not 0 <= p.hardening_steps < t.steps:
+        if not 0 <= p.hardening_steps < phase:
             raise ConfigError(f"config key 'pruning.hardening_steps' is {p.hardening_steps}: it must be below "
-                              f"train.steps ({t.steps})")
+                              f"the {phase} steps the masks learn over (pruning.mask_phase_steps or train.steps)")
         if p.lagrangian_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"config key 'pruning.lagrangian_optimizer' is {p.lagrangian_optimizer!r}: use adam "
                               "or sgd")

@@ -56,6 +56,21 @@ def test_warmup_longer_than_run():
     assert "lagrangian_warmup_steps" in msg
 
 
+def test_mask_phase_steps_need_l0_and_room_for_the_compact_model():
+    prune = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2", "train.steps=10"]
+    assert "with pruning.method=l0" in err(*prune, "pruning.mask_phase_steps=4")  # the default method: one-shot
+    assert "below train.steps (10)" in err(*prune, "pruning.method=l0", "pruning.mask_phase_steps=10")
+    assert "below train.steps (10)" in err(*prune, "pruning.method=l0", "pruning.mask_phase_steps=-1")
+    # the mask settings must fit in the mask phase, not merely in the run
+    msg = err(*prune, "pruning.method=l0", "pruning.mask_phase_steps=4", "pruning.hardening_steps=4")
+    assert "'pruning.hardening_steps' is 4" in msg and "the 4 steps the masks learn over" in msg
+    msg = err(*prune, "pruning.method=l0", "pruning.mask_phase_steps=4", "pruning.lagrangian_warmup_steps=5")
+    assert "'pruning.lagrangian_warmup_steps' is 5" in msg
+    cfg = load_config(None, ["run_dir=/tmp/x", *prune, "pruning.method=l0", "pruning.mask_phase_steps=4",
+                             "pruning.hardening_steps=3"])
+    assert cfg.pruning.mask_phase_steps == 4
+
+
 def test_log_alpha_bound_needs_deterministic_gates():
     prune = ["pruning.enabled=true", "pruning.target.num_hidden_layers=2"]
     assert "set pruning.gates=deterministic" in err(*prune, "pruning.log_alpha_bound=temperature")

@@ -247,11 +247,14 @@ SHIPPED = [*(pytest.param(ROOT / "configs" / f"{n}.yaml", id=n) for n in (
 @pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_pruning_configs_use_the_method_the_committed_evidence_recommends(path, offline, request,
                                                                               tmp_path):
-    from drpruning.plan.recommend import recommend_config
+    from drpruning.plan.recommend import recipe_mismatches, recommend_config, recommended_recipe
 
     cfg = load_config(path, [f"run_dir={tmp_path}"])  # the demo's config leaves run_dir to its command
     if "smollm2" in cfg.model.source:
         request.getfixturevalue("default_model_dir")
-    method, why = recommend_config(cfg, make_plan(cfg, world=8, memory_gb=80).source.total)
+    params = make_plan(cfg, world=8, memory_gb=80).source.total
+    method, why = recommend_config(cfg, params)
     assert cfg.pruning.method == method, (f"{path.name} has pruning.method={cfg.pruning.method} but the committed "
                                           f"equal-token evidence recommends {method}: {why}")
+    if method == "l0":  # and with the settings it was measured with
+        assert not (off := recipe_mismatches(cfg, recommended_recipe(cfg, params))), f"{path.name}: set {off}"

@@ -2,7 +2,8 @@
 
 import pytest
 
-from drpruning.plan.recommend import at_par, l0_wins, recommend
+from drpruning.config import load_config
+from drpruning.plan.recommend import at_par, l0_wins, recipe_mismatches, recommend, recommended_recipe
 
 
 def point(tpp, one, l0, arm="t_l0_35"):
@@ -51,6 +52,36 @@ def test_beyond_the_measured_budgets_it_says_so():
 def test_an_l0_recommendation_gives_the_measured_recipe():
     recipe = {"share": 0.15, "overrides": ["pruning.method=l0", "pruning.hardening_steps=10% of the mask phase"]}
     m, why = recommend(int(0.02 * 1e8), 100_000_000, {"points": [{**WINNING, "l0_recipe": recipe}]})
-    assert m == "l0" and why.endswith("; its recipe: learn the masks over the first 15% of the steps with "
-                                      "pruning.method=l0, pruning.hardening_steps=10% of the mask phase, then train "
-                                      "the exported compact model for the rest"), why
+    assert m == "l0" and why.endswith("; its recipe: learn the masks over the first 15% of the steps "
+                                      "(pruning.mask_phase_steps) with pruning.method=l0, pruning.hardening_steps="
+                                      "10% of the mask phase, then train the exported compact model for the rest"), why
+
+
+RECIPE = {"share": 0.15, "overrides": ["pruning.method=l0", "pruning.init=one_shot",
+                                       "pruning.hardening_steps=10% of the mask phase", "pruning.mask_lr=0.1"]}
+
+
+def l0_config(*extra):
+    return load_config(None, ["run_dir=/tmp/x", "pruning.enabled=true", "pruning.target.num_hidden_layers=2",
+                              "train.steps=1000", "pruning.method=l0", *extra])
+
+
+def test_a_config_that_follows_the_recipe_has_no_mismatch_and_one_that_departs_is_told_the_fix():
+    follows = ["pruning.mask_phase_steps=150", "pruning.init=one_shot", "pruning.hardening_steps=15",
+               "pruning.mask_lr=0.1"]
+    assert recipe_mismatches(l0_config(*follows), RECIPE) == []
+    # a step off in hardening is rounding, not a departure
+    assert recipe_mismatches(l0_config(*follows[:2], "pruning.hardening_steps=16", follows[3]), RECIPE) == []
+    departs = l0_config("pruning.mask_phase_steps=350", "pruning.hardening_steps=15", "pruning.mask_lr=1.0")
+    assert recipe_mismatches(departs, RECIPE) == ["pruning.mask_phase_steps=150", "pruning.init=one_shot",
+                                                  "pruning.hardening_steps=35", "pruning.mask_lr=0.1"]
+    whole_run = l0_config("pruning.init=one_shot", "pruning.hardening_steps=100", "pruning.mask_lr=0.1")
+    assert recipe_mismatches(whole_run, RECIPE) == ["pruning.mask_phase_steps=150"]  # masks over all 1,000
+
+
+def test_the_recipe_is_given_only_where_l0_is_recommended():
+    cfg = l0_config("data.seq_len=256", "train.batch_size=8")  # 2,048,000 tokens
+    win = {"points": [{**WINNING, "l0_recipe": RECIPE}]}  # from 0.015 tokens/parameter
+    assert recommended_recipe(cfg, 100_000_000, win) == RECIPE  # 0.020
+    assert recommended_recipe(cfg, 200_000_000, win) is None  # 0.010: below the crossover
+    assert recommended_recipe(cfg, 100_000_000, {"points": [{**PAR, "l0_recipe": RECIPE}]}) is None

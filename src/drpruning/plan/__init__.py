@@ -224,6 +224,10 @@ def format_plan(plan: Plan) -> str:
     step = t.batch_size * cfg.data.seq_len
     lines += [f"tokens    {step:,} per optimiser step ({t.batch_size} x {cfg.data.seq_len}), "
               f"{step * t.steps:,} in total ({t.steps} steps)",
+              *([f"stages    learnt masks over the first {cfg.pruning.mask_phase_steps} steps (RUN_DIR/mask-phase, the "
+                 f"source under masks: the memory and checkpoints below), then the exported compact model for "
+                 f"{t.steps - cfg.pruning.mask_phase_steps} (RUN_DIR), distilled from the source"]
+                if cfg.pruning.enabled and cfg.pruning.method == "l0" and cfg.pruning.mask_phase_steps else []),
               f"run       {s.world} process{'es' if s.world > 1 else ''}"
               + (f", parallel={s.parallel}" if s.world > 1 else "")
               + f", weights {dtype[s.weight_bytes]}, compute {dtype[s.compute_bytes]}, micro-batch "

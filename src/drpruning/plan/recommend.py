@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 EVIDENCE = Path(__file__).with_name("l0_evidence.json")
 
 
@@ -55,8 +57,15 @@ def _recipe(point: dict[str, Any]) -> str:
     r = point.get("l0_recipe")
     if not r:
         return ""
-    return (f"; its recipe: learn the masks over the first {r['share']:.0%} of the steps with "
-            f"{', '.join(r['overrides'])}, then train the exported compact model for the rest")
+    return (f"; its recipe: learn the masks over the first {r['share']:.0%} of the steps "
+            f"(pruning.mask_phase_steps) with {', '.join(r['overrides'])}, then train the exported compact model "
+            "for the rest")
+
+
+def _crossing(points: list[dict[str, Any]], tpp: float) -> dict[str, Any] | None:
+    """The smallest measured budget where L0 wins, if this budget is at or beyond it."""
+    crossing = next((p for p in points if l0_wins(p)), None)
+    return crossing if crossing is not None and tpp >= crossing["tokens_per_param"] else None
 
 
 def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -68,8 +77,8 @@ def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None =
     if not points:
         return "importance", (f"{here}; no equal-token measurement of learnt masks has finished yet "
                               "(experiments/l0_budget), and one-shot + distillation is the recipe the demo measured")
-    crossing = next((p for p in points if l0_wins(p)), None)
-    if crossing is not None and tpp >= crossing["tokens_per_param"]:
+    crossing = _crossing(points, tpp)
+    if crossing is not None:
         return "l0", (f"{here}; learnt masks beat one-shot + KD on worst-domain loss from there: {_gap(crossing)}"
                       + _recipe(crossing))
     below = [p for p in points if p["tokens_per_param"] <= tpp]
@@ -90,9 +99,42 @@ def recommend_config(cfg: Any, source_params: int) -> tuple[str, str]:
     return recommend(t.steps * t.batch_size * cfg.data.seq_len, source_params)
 
 
+def recommended_recipe(cfg: Any, source_params: int, evidence: dict[str, Any] | None = None) -> dict | None:
+    """The measured L0 recipe for a pruning config's budget, when L0 is what the evidence recommends there."""
+    ev = load_evidence() if evidence is None else evidence
+    t = cfg.train
+    point = _crossing(sorted(ev["points"], key=lambda p: p["tokens_per_param"]),
+                      t.steps * t.batch_size * cfg.data.seq_len / source_params)
+    return point.get("l0_recipe") if point else None
+
+
+def recipe_mismatches(cfg: Any, recipe: dict[str, Any]) -> list[str]:
+    """The settings where a config departs from a measured L0 recipe, as `key=value` it should have: the mask
+    phase's share of train.steps, then each override (a step count as a share of the mask phase, to a step or
+    half a percent of it)."""
+    from omegaconf import OmegaConf
+
+    tree, steps = OmegaConf.structured(cfg), cfg.train.steps
+    phase, want = cfg.pruning.mask_phase_steps or steps, round(recipe["share"] * steps)
+    out = [] if abs(phase - want) <= max(1, 0.005 * steps) else [f"pruning.mask_phase_steps={want}"]
+    for item in recipe["overrides"]:
+        key, value = item.split("=", 1)
+        have = OmegaConf.select(tree, key)
+        if value.endswith(" of the mask phase"):
+            n = float(value.split("%")[0]) / 100 * phase
+            if abs(have - n) > max(1, 0.005 * phase):
+                out.append(f"{key}={round(n)}")
+        elif have != yaml.safe_load(value):
+            out.append(item)
+    return out
+
+
 def recommendation_line(cfg: Any, source_params: int) -> str:
     """`recommended: pruning.method=...` for the plan of a pruning config."""
     method, why = recommend_config(cfg, source_params)
     name = {"importance": "importance (one-shot + distillation)", "l0": "l0 (learnt masks)"}[method]
     change = "" if cfg.pruning.method == method else f" (this config has pruning.method={cfg.pruning.method})"
+    recipe = recommended_recipe(cfg, source_params) if method == "l0" == cfg.pruning.method else None
+    if recipe and (off := recipe_mismatches(cfg, recipe)):
+        change = f" (this config departs from the measured recipe: set {', '.join(off)})"
     return f"recommended: pruning.method={name}{change}: {why}"
