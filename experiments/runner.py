@@ -118,10 +118,11 @@ def same_stage(spec: dict, run_dir: Path, cfg: Any) -> Path | None:
     from omegaconf import OmegaConf
 
     mine = settings(OmegaConf.structured(cfg))
+    schema = OmegaConf.structured(type(cfg))  # a key added since a stage ran has its default there
     for saved in sorted((RUNS / spec["name"]).glob("*/seed-*/*/config.yaml")):
         other = saved.parent
         if other != run_dir and (other / "heldout.json").is_file() and (other / "model" / "config.json").is_file() \
-                and settings(OmegaConf.load(saved)) == mine:
+                and settings(OmegaConf.merge(schema, OmegaConf.load(saved))) == mine:
             return other
     return None
 
