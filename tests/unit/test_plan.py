@@ -146,12 +146,13 @@ def test_shipped_paper_configs_fit_80gb_devices_on_8(name, offline):
 
 
 def test_one_shot_plans_the_compact_model_with_the_source_resident(offline):
-    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"  # one-shot + distillation from the source
+    path = ROOT / "configs" / "prune-llama2-7b-1.3b.yaml"  # distillation from the source
+    one_shot = ["pruning.method=importance", "pruning.init=importance", "pruning.mask_phase_steps=0"]
     l0 = make_plan(load_config(ROOT / "configs" / "paper" / "prune-llama2-7b-1.3b.yaml"), world=8, memory_gb=80)
-    plan = make_plan(load_config(path), world=8, memory_gb=80)
+    plan = make_plan(load_config(path, one_shot), world=8, memory_gb=80)
     assert plan.config.num_hidden_layers == l0.config.num_hidden_layers  # the same source
     config = l0.config
-    compact = derive_config(config, resolve_target(config, load_config(path).pruning))
+    compact = derive_config(config, resolve_target(config, load_config(path, one_shot).pruning))
     setup = replace(plan.setup, structures=(), distill=True)  # no masks; the 7B source held as the teacher
     assert plan.memory.peak == estimate(compact, setup, config).peak < l0.memory.peak
     assert parameter_counts(compact, source_shape(compact)).total == plan.target.total

@@ -110,8 +110,8 @@ def test_paper_configs_load(name):
     assert paper.pruning.method == "l0" and paper.pruning.mask_lr == 1.0
     assert paper.pruning.lagrangian_warmup_steps == 640 and paper.mixing.method == "drpruning"
     assert paper.train.lr == pytest.approx(1e-4)
-    cfg = load_config(CONFIGS / name, ["run_dir=x"])  # the recipe the equal-token study supports
-    assert cfg.pruning.method == "importance" and cfg.train.distill.weight == 0.5
+    cfg = load_config(CONFIGS / name, ["run_dir=x"])  # its method: tests/unit/test_plan.py, from the evidence
+    assert cfg.train.distill.weight == 0.5
     assert (cfg.pruning.target, cfg.data, cfg.mixing) == (paper.pruning.target, paper.data, paper.mixing)
 
 
