@@ -256,9 +256,11 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     """Write report.md, report.html and PNGs into out_dir (default: the first run dir); returns report.md."""
     if not run_dirs:
         raise ReportError("no run directories given")
-    run_dirs = [Path(p) for p in run_dirs]
+    out_dir = Path(out_dir) if out_dir else Path(run_dirs[0])
+    # a two-stage pruning run (pruning.mask_phase_steps): its mask phase is reported first, as a run of its own
+    run_dirs = [q for p in map(Path, run_dirs)
+                for q in ([p / "mask-phase"] if (p / "mask-phase" / "metrics.jsonl").is_file() else []) + [p]]
     runs = dict(zip(_run_names(run_dirs), (load_run(p) for p in run_dirs), strict=True))
-    out_dir = Path(out_dir) if out_dir else run_dirs[0]
     out_dir.mkdir(parents=True, exist_ok=True)
 
     md = ["# drpruning report", ""]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny
 
 from drpruning.config import ConfigError, load_config
+from drpruning.report import write_report
 from drpruning.training import stages
 from drpruning.training.metrics import read_metrics
 from drpruning.training.trainer import train
@@ -59,6 +60,8 @@ def test_two_stages_are_the_two_runs_made_by_hand(tmp_path, model_dir):
         read_metrics(tmp_path / "b" / "run" / "metrics.jsonl"))
     assert strip(read_metrics(run / "metrics.jsonl")) == strip(read_metrics(tmp_path / "c" / "run" / "metrics.jsonl"))
     assert load_config(str(run / "config.yaml"), []).model.source == str(run / "mask-phase" / "model")
+    report = write_report([run]).read_text()  # both stages, the mask phase first
+    assert report.index("## Run mask-phase") < report.index("## Run run") and (run / "report.md").is_file()
 
 
 KILLER = """
