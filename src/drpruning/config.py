@@ -168,6 +168,11 @@ class PruningConfig:
     constraint: str = "lagrangian"
 
 
+def two_stage(p: PruningConfig) -> bool:
+    """Learnt masks over a mask phase, then the exported compact model trained (training/stages.py)."""
+    return bool(p.enabled and p.method == "l0" and p.mask_phase_steps)
+
+
 def warmup_steps(p: PruningConfig, steps: int) -> int:
     """The Lagrangian's ramp: 20% of the run by default; none when the masks start at the one-shot cut."""
     if p.lagrangian_warmup_steps is not None:

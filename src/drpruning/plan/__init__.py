@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from drpruning.config import ConfigError, RunConfig
+from drpruning.config import ConfigError, RunConfig, two_stage
 from drpruning.models.loading import ModelSourceError, load_model_config, source_dtype
 from drpruning.models.shape import Shape, derive_config, resolve_target, source_shape
 from drpruning.plan.disk import DataDisk, checkpoint_bytes, data_disk, token_bytes
@@ -227,7 +227,7 @@ def format_plan(plan: Plan) -> str:
               *([f"stages    learnt masks over the first {cfg.pruning.mask_phase_steps} steps (RUN_DIR/mask-phase, the "
                  f"source under masks: the memory and checkpoints below), then the exported compact model for "
                  f"{t.steps - cfg.pruning.mask_phase_steps} (RUN_DIR), distilled from the source"]
-                if cfg.pruning.enabled and cfg.pruning.method == "l0" and cfg.pruning.mask_phase_steps else []),
+                if two_stage(cfg.pruning) else []),
               f"run       {s.world} process{'es' if s.world > 1 else ''}"
               + (f", parallel={s.parallel}" if s.world > 1 else "")
               + f", weights {dtype[s.weight_bytes]}, compute {dtype[s.compute_bytes]}, micro-batch "

@@ -93,18 +93,20 @@ def recommend(tokens: int, source_params: int, evidence: dict[str, Any] | None =
     return "importance", why
 
 
+def _tokens(cfg: Any) -> int:
+    """A pruning config's whole token budget (both stages of a two-stage one)."""
+    return cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
+
+
 def recommend_config(cfg: Any, source_params: int) -> tuple[str, str]:
     """`recommend` for a pruning config's whole token budget."""
-    t = cfg.train
-    return recommend(t.steps * t.batch_size * cfg.data.seq_len, source_params)
+    return recommend(_tokens(cfg), source_params)
 
 
 def recommended_recipe(cfg: Any, source_params: int, evidence: dict[str, Any] | None = None) -> dict | None:
     """The measured L0 recipe for a pruning config's budget, when L0 is what the evidence recommends there."""
     ev = load_evidence() if evidence is None else evidence
-    t = cfg.train
-    point = _crossing(sorted(ev["points"], key=lambda p: p["tokens_per_param"]),
-                      t.steps * t.batch_size * cfg.data.seq_len / source_params)
+    point = _crossing(sorted(ev["points"], key=lambda p: p["tokens_per_param"]), _tokens(cfg) / source_params)
     return point.get("l0_recipe") if point else None
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from drpruning.config import ConfigError
 from drpruning.paths import follow_umask
 from drpruning.training import parallel
 
@@ -300,3 +301,10 @@ class Checkpointer:
             raise CheckpointError(f"no loadable checkpoint in {self.root} (tried steps {steps}); "
                                   "delete the folder and start again without resume=true")
         return None
+
+
+def refuse_existing(run_dir: Path) -> None:
+    """A run started without resume must not write over another run's checkpoints."""
+    if Checkpointer(run_dir).steps():
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints: pass resume=true to continue that run, "
+                          "or choose a new run_dir")

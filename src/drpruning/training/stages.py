@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from drpruning.config import ConfigError, RunConfig, save_config, validate
+from drpruning.config import RunConfig, save_config, two_stage, validate
 from drpruning.training import checkpoint as ckpt
 from drpruning.training import distributed as dist
 from drpruning.training.trainer import train
@@ -41,20 +41,14 @@ def stage_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
     return mask, compact
 
 
-def two_stage(cfg: RunConfig) -> bool:
-    return bool(cfg.pruning.enabled and cfg.pruning.method == "l0" and cfg.pruning.mask_phase_steps)
-
-
 def run(cfg: RunConfig) -> Path:
     """Train `cfg`: one run, or the mask phase and then the compact model's training; the final model's folder."""
-    if not two_stage(cfg):
+    if not two_stage(cfg.pruning):
         return train(cfg)
     mask, compact = stage_configs(cfg)
     if not cfg.resume:  # refuse before the mask phase's work, not after it
         for stage in (mask, compact):
-            if ckpt.Checkpointer(Path(stage.run_dir)).steps():
-                raise ConfigError(f"run_dir {stage.run_dir} already holds checkpoints: pass resume=true to "
-                                  "continue that run, or choose a new run_dir")
+            ckpt.refuse_existing(Path(stage.run_dir))
     if dist.rank_from_env() == 0:  # the pipeline as given; each stage's own config.yaml is what it ran
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run_dir) / "pipeline.yaml")

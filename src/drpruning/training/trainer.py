@@ -67,9 +67,8 @@ class Trainer:
         if t.batch_size % per_step:
             raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x ranks "
                               f"= {per_step}; change train.batch_size or train.micro_batch_size")
-        if not cfg.resume and ckpt.Checkpointer(self.run_dir).steps():
-            raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints: pass resume=true to continue "
-                              "that run, or choose a new run_dir")
+        if not cfg.resume:
+            ckpt.refuse_existing(self.run_dir)
         sources = check_sources(cfg.data.domains)
 
         ckpt.seed_everything(t.seed)
